@@ -1,0 +1,1 @@
+"""The data flow: class folders -> validated catalogue -> de-duplicated grouped split -> shards."""

@@ -1,0 +1,195 @@
+"""``bloodcnn data prepare``: class folders -> checksummed TFRecord shards + manifest.json.
+
+Crash safety: shards go under ``<output>/<dataset_version>/`` and ``manifest.json`` is written
+last, so an interrupted run leaves at most orphan shards that no manifest points to. A re-run
+with the same inputs finds the manifest with the same version and does nothing.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import logging
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+from tqdm import tqdm
+
+from bloodcnn import storage
+from bloodcnn.config import AppConfig
+from bloodcnn.data.augment import augment_jpeg
+from bloodcnn.data.catalog import Catalog, build_catalog
+from bloodcnn.data.manifest import MANIFEST_FILE, SPLITS, ImageEntry, Manifest, ShardInfo, SplitInfo
+from bloodcnn.data.shards import encode_example, shard_names, write_shard
+from bloodcnn.data.split import SplitResult, split_catalog
+
+log = logging.getLogger(__name__)
+FORMAT_VERSION = 1
+
+
+def dataset_version(catalog: Catalog, result: SplitResult, app: AppConfig) -> str:
+    """A content id: the images, their labels and splits, and every setting that shapes the shards."""
+    cfg = app.data
+    h = hashlib.sha256()
+    settings = {
+        "format": FORMAT_VERSION,
+        "classes": catalog.class_names,
+        "augment": cfg.augment.model_dump(),
+        "shard_size": cfg.shard_size,
+        "seed": cfg.split.seed,
+    }
+    h.update(json.dumps(settings, sort_keys=True).encode())
+    for entry, split in sorted(zip(result.unique, result.splits), key=lambda p: p[0].sha256):
+        h.update(f"{entry.sha256}:{entry.label}:{split}\n".encode())
+    return "ds-" + h.hexdigest()[:16]
+
+
+def _existing(output: str, version: str, store) -> Manifest | None:
+    uri = storage.join(output, MANIFEST_FILE)
+    if not store.exists(uri):
+        return None
+    try:
+        manifest = Manifest.model_validate_json(store.read_bytes(uri))
+    except ValueError:
+        return None
+    if manifest.dataset_version != version:
+        return None
+    for split in manifest.splits.values():
+        for shard in split.shards:
+            target = storage.join(output, shard.path)
+            if not store.exists(target) or store.size(target) != shard.size:
+                return None
+    return manifest
+
+
+def _records(catalog: Catalog, result: SplitResult, app: AppConfig, progress: bool) -> dict[str, list[bytes]]:
+    cfg = app.data
+    out: dict[str, list[bytes]] = {s: [] for s in SPLITS}
+    for entry, split in zip(result.unique, result.splits):
+        out[split].append(encode_example(entry.jpeg, entry.label, entry.sha256))
+    train = [e for e, s in zip(result.unique, result.splits) if s == "train"]
+    jobs = [(e, k) for e in train for k in range(1, cfg.augment.copies + 1)]
+
+    def work(job):
+        entry, k = job
+        jpeg = augment_jpeg(entry.jpeg, entry.sha256, k, cfg.split.seed, cfg.augment)
+        return encode_example(jpeg, entry.label, f"{entry.sha256}-aug{k}")
+
+    with ThreadPoolExecutor(cfg.workers) as pool:
+        for rec in tqdm(pool.map(work, jobs), total=len(jobs), desc="augment", unit="img", disable=not progress or not jobs):
+            out["train"].append(rec)
+    rng = np.random.default_rng(cfg.split.seed)
+    for split in SPLITS:  # mix classes (and copies) across shards so each worker sees every class
+        order = rng.permutation(len(out[split]))
+        out[split] = [out[split][i] for i in order]
+    return out
+
+
+def class_balance_png(counts: dict[str, dict[str, int]], augmented: int, class_names: list[str]) -> bytes:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=110)
+    width = 0.26
+    x = np.arange(len(class_names))
+    for i, split in enumerate(SPLITS):
+        values = [counts[split].get(c, 0) for c in class_names]
+        bars = ax.bar(x + (i - 1) * width, values, width, label=split)
+        ax.bar_label(bars, fontsize=7)
+    ax.set_xticks(x, class_names)
+    ax.set_ylabel("unique images")
+    ax.set_title(f"Class balance per split (train also has {augmented} augmented copies)")
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    return buf.getvalue()
+
+
+def summary_table(manifest: Manifest) -> str:
+    names = manifest.class_names
+    width = max(12, *(len(n) for n in names))
+    lines = [f"{'class':<{width}} " + " ".join(f"{s:>7}" for s in SPLITS) + f" {'total':>7}"]
+    for name in names:
+        row = [manifest.splits[s].counts.get(name, 0) for s in SPLITS]
+        lines.append(f"{name:<{width}} " + " ".join(f"{v:>7}" for v in row) + f" {sum(row):>7}")
+    totals = [sum(manifest.splits[s].counts.values()) for s in SPLITS]
+    lines.append(f"{'unique':<{width}} " + " ".join(f"{v:>7}" for v in totals) + f" {sum(totals):>7}")
+    lines.append(f"{'+ augmented':<{width}} {manifest.splits['train'].augmented:>7}")
+    lines.append(
+        f"scanned {manifest.scanned}, bad {len(manifest.bad_images)}, exact duplicates removed "
+        f"{len(manifest.exact_duplicates)}, near-duplicate groups {manifest.near_duplicate_groups}"
+    )
+    return "\n".join(lines)
+
+
+def prepare_dataset(app: AppConfig, progress: bool = True) -> Manifest:
+    cfg = app.data
+    catalog = build_catalog(cfg, app.storage, progress=progress)
+    result = split_catalog(catalog.entries, cfg.near_duplicate_distance, cfg.split)
+    version = dataset_version(catalog, result, app)
+    store = storage.store_for(cfg.output, app.storage)
+    store.ensure_container(cfg.output)
+    existing = _existing(cfg.output, version, store)
+    if existing is not None:
+        log.info("dataset %s is already prepared at %s: nothing to do", version, cfg.output)
+        return existing
+
+    records = _records(catalog, result, app, progress)
+    splits: dict[str, SplitInfo] = {}
+    with tempfile.TemporaryDirectory(prefix="bloodcnn-shards-") as tmp:
+        total_shards = sum(len(shard_names(s, len(records[s]), cfg.shard_size)) for s in SPLITS)
+        bar = tqdm(total=total_shards, desc="write shards", unit="shard", disable=not progress)
+        for split in SPLITS:
+            recs = records[split]
+            shards = []
+            for i, name in enumerate(shard_names(split, len(recs), cfg.shard_size)):
+                local = Path(tmp) / name
+                sha, size, count = write_shard(local, recs[i * cfg.shard_size:(i + 1) * cfg.shard_size])
+                rel = f"{version}/shards/{name}"
+                store.upload_file(local, storage.join(cfg.output, rel))
+                local.unlink()
+                shards.append(ShardInfo(path=rel, sha256=sha, size=size, count=count))
+                bar.update()
+            counts = {name: 0 for name in catalog.class_names}
+            for entry, s in zip(result.unique, result.splits):
+                if s == split:
+                    counts[catalog.class_names[entry.label]] += 1
+            originals = sum(counts.values())
+            splits[split] = SplitInfo(counts=counts, augmented=len(recs) - originals, total=len(recs), shards=shards)
+        bar.close()
+
+    group_sizes = np.bincount(result.groups) if len(result.groups) else np.zeros(0)
+    plot_rel = f"{version}/class_balance.png"
+    store.write_bytes(
+        storage.join(cfg.output, plot_rel),
+        class_balance_png({s: splits[s].counts for s in SPLITS}, splits["train"].augmented, catalog.class_names),
+    )
+    manifest = Manifest(
+        dataset_version=version,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        source=cfg.source,
+        class_names=catalog.class_names,
+        class_folders=catalog.class_folders,
+        seed=cfg.split.seed,
+        splits=splits,
+        config=cfg.model_dump(),
+        scanned=catalog.scanned,
+        bad_images=catalog.bad,
+        exact_duplicates=result.duplicates,
+        near_duplicate_groups=int((group_sizes > 1).sum()),
+        images=[
+            ImageEntry(id=e.sha256, source=e.source, label=e.label, split=s, group=int(g))
+            for e, s, g in zip(result.unique, result.splits, result.groups)
+        ],
+        plots=[plot_rel],
+    )
+    store.write_bytes(storage.join(cfg.output, MANIFEST_FILE), manifest.model_dump_json(indent=1).encode())
+    return manifest

@@ -1,0 +1,91 @@
+"""The classifier: ImageNet MobileNetV2 base -> global average pooling -> dropout -> softmax.
+
+Built with ``tf_keras`` (Keras 2) because Keras 3 fails under MultiWorkerMirroredStrategy.
+Inputs are float32 pixels in 0..255; the model rescales them to [-1, 1] itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import tf_keras as keras
+
+
+
+class WeightsError(ValueError):
+    """A weights file is missing or does not fit MobileNetV2 (alpha 1.0, no top)."""
+
+
+def _base_weights(weights: str, cache_dir: str | Path | None = None) -> str | None:
+    """Map the config value to what keras.applications takes: "imagenet", None or a local path."""
+    if weights in ("imagenet",):
+        return "imagenet"
+    if weights in ("none", "", None):
+        return None
+    if weights.startswith("s3://"):
+        from bloodcnn import storage
+
+        import tempfile
+
+        local = Path(cache_dir or tempfile.gettempdir()) / "bloodcnn-weights" / Path(weights).name
+        if not local.exists():
+            storage.store_for(weights).download_file(weights, local)
+        return str(local)
+    if not Path(weights).is_file():
+        raise WeightsError(f"weights file not found: {weights}")
+    return weights
+
+
+def build_model(
+    num_classes: int,
+    image_size: int = 224,
+    weights: str = "imagenet",
+    dropout: float = 0.2,
+    cache_dir: str | Path | None = None,
+) -> keras.Model:
+    local = _base_weights(weights, cache_dir)
+    try:
+        base = keras.applications.MobileNetV2(
+            input_shape=(image_size, image_size, 3), include_top=False, weights=local, alpha=1.0
+        )
+    except (ValueError, OSError) as exc:
+        raise WeightsError(f"weights {weights!r} do not fit MobileNetV2 alpha=1.0 without top: {exc}") from None
+    base.trainable = False
+    inputs = keras.Input((image_size, image_size, 3), name="image")
+    x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_minus1_1")(inputs)
+    x = base(x, training=False)
+    x = keras.layers.GlobalAveragePooling2D(name="gap")(x)
+    x = keras.layers.Dropout(dropout, name="dropout")(x)
+    outputs = keras.layers.Dense(num_classes, activation="softmax", name="probs", dtype="float32")(x)
+    return keras.Model(inputs, outputs, name="bloodcnn")
+
+
+def base_model(model: keras.Model) -> keras.Model:
+    """The MobileNetV2 backbone inside the classifier (its name carries the input size)."""
+    return next(layer for layer in model.layers if isinstance(layer, keras.Model))
+
+
+def unfreeze_top_blocks(model: keras.Model, blocks: int) -> int:
+    """Make the top ``blocks`` inverted-residual blocks (and the final conv) trainable.
+
+    BatchNorm layers stay frozen, as keras.io's fine-tuning guide advises for small data.
+    Returns the number of trainable layers.
+    """
+    base = base_model(model)
+    base.trainable = True
+    block_ids = sorted({int(l.name.split("_")[1]) for l in base.layers if l.name.startswith("block_")})
+    keep = {f"block_{i}_" for i in block_ids[-blocks:]} if blocks > 0 else set()
+    count = 0
+    for layer in base.layers:
+        top = layer.name.startswith(("Conv_1", "out_relu")) and blocks > 0
+        trainable = (top or any(layer.name.startswith(p) for p in keep)) and not isinstance(
+            layer, keras.layers.BatchNormalization
+        )
+        layer.trainable = trainable
+        count += trainable
+    return count
+
+
+def load_model(path: str | Path) -> keras.Model:
+    """Load a registered ``.keras`` model in safe mode (no pickle, no arbitrary code)."""
+    return keras.models.load_model(str(path), compile=False, safe_mode=True)

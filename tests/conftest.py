@@ -1,0 +1,73 @@
+"""Shared fixtures: a real SeaweedFS S3 for the whole session, synthetic images, prepared data."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from bloodcnn import storage
+from bloodcnn.s3server import S3Server
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+WEIGHTS = SHARED / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+DATASET = SHARED / "data" / "all-leukemia"
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    """One real S3 server for the session; its AWS_* variables are exported for child processes too."""
+    saved = {k: os.environ.get(k) for k in ("AWS_ENDPOINT_URL", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_REGION", "AWS_DEFAULT_REGION")}
+    with S3Server(buckets=("bloodcnn", "test")) as server:
+        os.environ.update(server.env())
+        storage._s3_store.cache_clear()
+        yield server
+    for k, v in saved.items():
+        if v is None:
+            os.environ.pop(k, None)
+        else:
+            os.environ[k] = v
+    storage._s3_store.cache_clear()
+
+
+@pytest.fixture
+def s3_prefix(s3_server, request) -> str:
+    """A fresh s3:// prefix per test."""
+    name = request.node.name.replace("[", "-").replace("]", "").replace("/", "-")[:60]
+    return f"s3://test/{name}-{os.urandom(3).hex()}"
+
+
+@pytest.fixture(scope="session")
+def weights_file() -> Path:
+    if not WEIGHTS.is_file():
+        pytest.fail(f"ImageNet weights missing at {WEIGHTS} (../shared/weights)")
+    return WEIGHTS
+
+
+@pytest.fixture(scope="session")
+def synthetic_source(tmp_path_factory) -> Path:
+    """4 class folders of 64 px synthetic cells, with exact and near duplicates."""
+    from bloodcnn.data.synthetic import make_class_folders
+
+    return make_class_folders(tmp_path_factory.mktemp("synthetic") / "src", per_class=48, size=64,
+                              duplicates=2, near_duplicates=2)
+
+
+def synthetic_config(source: Path, output: str, **data):
+    from bloodcnn.config import load_config
+
+    base = {"source": str(source), "output": output, "shard_size": 16, "augment": {"copies": 1}, "workers": 2}
+    base.update(data)
+    return load_config(environ={}, overrides={"data": base})
+
+
+@pytest.fixture(scope="session")
+def synthetic_dataset(s3_server, synthetic_source) -> str:
+    """A prepared synthetic dataset on the session's S3: ``s3://test/synthetic-ds``."""
+    from bloodcnn.data.prepare import prepare_dataset
+
+    uri = "s3://test/synthetic-ds"
+    prepare_dataset(synthetic_config(synthetic_source, uri), progress=False)
+    return uri

@@ -24,7 +24,7 @@ from botocore.exceptions import BotoCoreError, ClientError, EndpointConnectionEr
 from bloodcnn.config import StorageConfig
 
 MB = 1024 * 1024
-_CREDENTIAL_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
+_CREDENTIAL_CODES = {"403", "InvalidAccessKeyId", "SignatureDoesNotMatch", "AccessDenied", "InvalidToken", "ExpiredToken"}
 _MISSING_CODES = {"NoSuchKey", "404", "NotFound"}
 
 

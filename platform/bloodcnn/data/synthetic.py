@@ -22,8 +22,12 @@ def synthetic_image(label: int, index: int, size: int = 64, seed: int = 0) -> Im
     bg = rng.normal(225, 12, (size, size, 3)).clip(0, 255).astype(np.uint8)
     img = Image.fromarray(bg, "RGB")
     draw = ImageDraw.Draw(img)
-    r = size * (0.16 + 0.06 * label) * rng.uniform(0.85, 1.15)
-    cx, cy = rng.uniform(0.35, 0.65, 2) * size
+    for _ in range(int(rng.integers(3, 7))):  # red blood cells scattered around, unlike per image
+        rr = size * rng.uniform(0.08, 0.14)
+        x, y = rng.uniform(0, 1, 2) * size
+        draw.ellipse((x - rr, y - rr, x + rr, y + rr), fill=(int(rng.integers(200, 235)), 130, 140))
+    r = size * (0.14 + 0.05 * label) * rng.uniform(0.85, 1.15)
+    cx, cy = rng.uniform(0.3, 0.7, 2) * size
     colour = tuple(int(c + rng.integers(-20, 21)) for c in _COLOURS[label % len(_COLOURS)])
     draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=colour)
     return img

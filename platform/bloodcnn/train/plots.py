@@ -1,0 +1,83 @@
+"""Report plots as PNG (matplotlib, Agg backend: no display needed)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _finish(fig, path: str | Path | None) -> bytes:
+    plt = _pyplot()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    data = buf.getvalue()
+    if path is not None:
+        Path(path).write_bytes(data)
+    return data
+
+
+def confusion_matrix_png(
+    matrix: Sequence[Sequence[int]], class_names: list[str], path: str | Path | None = None, *, title: str = ""
+) -> bytes:
+    """Counts with the row-normalised share (recall per true class) in each cell."""
+    plt = _pyplot()
+    cm = np.asarray(matrix, dtype=np.int64)
+    rows = cm.sum(axis=1, keepdims=True)
+    share = np.divide(cm, rows, out=np.zeros(cm.shape, dtype=float), where=rows > 0)
+    n = len(class_names)
+    fig, ax = plt.subplots(figsize=(2.0 + 1.3 * n, 1.6 + 1.2 * n), dpi=110)
+    im = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
+    fig.colorbar(im, ax=ax, fraction=0.046, pad=0.04, label="share of true class")
+    ax.set_xticks(range(n), class_names, rotation=30, ha="right")
+    ax.set_yticks(range(n), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    for i in range(n):
+        for j in range(n):
+            ax.text(j, i, f"{cm[i, j]}\n{share[i, j]:.0%}", ha="center", va="center", fontsize=8,
+                    color="white" if share[i, j] > 0.6 else "black")
+    acc = np.trace(cm) / cm.sum() if cm.sum() else 0.0
+    ax.set_title((title + "\n" if title else "") + f"accuracy {acc:.3f} ({cm.sum()} images)", fontsize=9)
+    fig.tight_layout()
+    return _finish(fig, path)
+
+
+def training_curves_png(
+    history: list[dict[str, Any]], fine_tune_start: int | None, path: str | Path | None = None, *, title: str = ""
+) -> bytes:
+    """Loss and accuracy per epoch (train and validation); a line marks the start of fine-tuning."""
+    plt = _pyplot()
+    epochs = [h["epoch"] for h in history]
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), dpi=110)
+    for ax, key, label in ((axes[0], "loss", "loss"), (axes[1], "accuracy", "accuracy")):
+        train = [h.get(key) for h in history]
+        val = [h.get(f"val_{key}") for h in history]
+        ax.plot(epochs, train, "o-", label=f"train {label}")
+        if any(v is not None for v in val):
+            ax.plot(epochs, [np.nan if v is None else v for v in val], "s--", label=f"val {label}")
+        if fine_tune_start is not None and epochs and fine_tune_start < max(epochs):
+            ax.axvline(fine_tune_start + 0.5, color="grey", linestyle=":", label="fine-tuning starts")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8)
+        if epochs:
+            ax.set_xticks(epochs)
+    ips = [h.get("images_per_s") for h in history if h.get("images_per_s")]
+    suffix = f" ({np.median(ips):.0f} img/s)" if ips else ""
+    fig.suptitle((title or "training") + suffix, fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)

@@ -1,0 +1,245 @@
+"""The data pipeline against a real SeaweedFS S3: catalogue, leak-free split, shards, reader."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import imagehash
+import numpy as np
+import pytest
+from PIL import Image
+
+from bloodcnn import storage
+from bloodcnn.data import reader
+from bloodcnn.data.manifest import DatasetError, Manifest, ShardChecksumError
+from bloodcnn.data.prepare import prepare_dataset
+from bloodcnn.data.synthetic import make_class_folders
+
+from conftest import DATASET, REPO, synthetic_config
+
+
+def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    full_env = {**os.environ, **(env or {})}
+    return subprocess.run(
+        [sys.executable, "-m", "bloodcnn.cli", *args], capture_output=True, text=True, env=full_env, cwd=REPO,
+        timeout=300,
+    )
+
+
+def load(uri: str) -> Manifest:
+    return reader.load_manifest(uri)
+
+
+def assert_no_group_spans_splits(manifest: Manifest) -> None:
+    split_of_group: dict[int, set[str]] = {}
+    for img in manifest.images:
+        split_of_group.setdefault(img.group, set()).add(img.split)
+    spanning = {g: s for g, s in split_of_group.items() if len(s) > 1}
+    assert not spanning, f"groups spanning splits: {spanning}"
+
+
+def test_synthetic_prepare_collapses_duplicates_and_keeps_groups_whole(synthetic_dataset):
+    m = load(synthetic_dataset)
+    assert m.scanned == 4 * (48 + 2 + 2)
+    assert len(m.exact_duplicates) == 8 and m.unique_images == 4 * 50
+    assert all(d.removed.replace("-copy", "") == d.kept.replace("-copy", "") for d in m.exact_duplicates)
+    # each "-near" file must share a group with its original
+    by_source = {i.source: i for i in m.images}
+    for img in m.images:
+        if img.source.endswith("-near.jpg"):
+            original = by_source[img.source.replace("-near", "")]
+            assert original.group == img.group and original.split == img.split
+    assert m.near_duplicate_groups >= 8
+    assert_no_group_spans_splits(m)
+    # stratified: every split holds every class, close to 70/15/15
+    for name in m.class_names:
+        counts = {s: m.splits[s].counts[name] for s in ("train", "val", "test")}
+        assert all(v > 0 for v in counts.values()), counts
+        assert abs(counts["train"] / sum(counts.values()) - 0.70) < 0.06, counts
+    assert m.splits["train"].augmented == sum(m.splits["train"].counts.values())  # copies=1
+    for split in m.splits.values():
+        assert sum(s.count for s in split.shards) == split.total
+        for shard in split.shards:
+            assert storage.store_for(synthetic_dataset).size(storage.join(synthetic_dataset, shard.path)) == shard.size
+
+
+def test_prepare_is_deterministic_and_idempotent(synthetic_source, synthetic_dataset):
+    first = load(synthetic_dataset)
+    again = prepare_dataset(synthetic_config(synthetic_source, synthetic_dataset), progress=False)
+    assert again.dataset_version == first.dataset_version
+    assert again.created_at == first.created_at  # untouched: nothing was rewritten
+    reseeded = synthetic_config(synthetic_source, "unused")
+    reseeded.data.split.seed = 7
+    from bloodcnn.data.catalog import build_catalog
+    from bloodcnn.data.prepare import dataset_version
+    from bloodcnn.data.split import split_catalog
+
+    cat = build_catalog(reseeded.data, progress=False)
+    assert dataset_version(cat, split_catalog(cat.entries, 12, reseeded.data.split), reseeded) != first.dataset_version
+
+
+def test_reader_gives_disjoint_worker_shards_and_all_records(synthetic_dataset, tmp_path):
+    m = load(synthetic_dataset)
+    seen = []
+    for worker in range(2):
+        ds = reader.make_dataset(synthetic_dataset, "train", batch_size=8, image_size=32, worker_index=worker,
+                                 num_workers=2, cache_dir=tmp_path, with_ids=True)
+        ids = [i.decode() for _, _, batch in ds for i in batch.numpy()]
+        seen.append(set(ids))
+        images, labels, _ = next(iter(ds))
+        assert images.shape[1:] == (32, 32, 3) and labels.shape[1] == 4
+        assert float(images.numpy().max()) <= 255.0 and float(images.numpy().min()) >= 0.0
+    assert not seen[0] & seen[1]
+    assert len(seen[0] | seen[1]) == m.splits["train"].total
+    assert reader.examples_per_worker(m, "train", 2) == [len(seen[0]), len(seen[1])]
+    augmented = reader.make_dataset(synthetic_dataset, "train", batch_size=8, image_size=32, augment=True,
+                                    shuffle=True, repeat=True, cache_dir=tmp_path)
+    assert next(iter(augmented))[0].shape == (8, 32, 32, 3)
+
+
+def test_corrupted_shard_is_detected(synthetic_dataset, s3_prefix, tmp_path):
+    m = load(synthetic_dataset)
+    store = storage.store_for(s3_prefix)
+    # copy the dataset, then flip one byte in one val shard
+    for split in m.splits.values():
+        for shard in split.shards:
+            data = store.read_bytes(storage.join(synthetic_dataset, shard.path))
+            store.write_bytes(storage.join(s3_prefix, shard.path), data)
+    store.write_bytes(storage.join(s3_prefix, "manifest.json"), m.model_dump_json().encode())
+    bad = m.splits["val"].shards[0]
+    data = bytearray(store.read_bytes(storage.join(s3_prefix, bad.path)))
+    data[len(data) // 2] ^= 0xFF
+    store.write_bytes(storage.join(s3_prefix, bad.path), bytes(data))
+    with pytest.raises(ShardChecksumError, match=Path(bad.path).name):
+        reader.make_dataset(s3_prefix, "val", batch_size=4, image_size=32, cache_dir=tmp_path)
+    # the intact split still reads
+    reader.make_dataset(s3_prefix, "test", batch_size=4, image_size=32, cache_dir=tmp_path)
+
+
+def test_missing_or_corrupt_manifest(s3_prefix):
+    with pytest.raises(DatasetError, match="no manifest.json"):
+        reader.load_manifest(s3_prefix)
+    storage.write_bytes(storage.join(s3_prefix, "manifest.json"), b"{not json")
+    with pytest.raises(DatasetError, match="corrupt manifest.json"):
+        reader.load_manifest(s3_prefix)
+
+
+def test_interrupted_run_leaves_no_manifest_then_completes(synthetic_source, s3_prefix, monkeypatch):
+    cfg = synthetic_config(synthetic_source, s3_prefix)
+    calls = {"n": 0}
+    real_upload = storage.S3Store.upload_file
+
+    def flaky(self, local, uri):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt("simulated crash")
+        return real_upload(self, local, uri)
+
+    monkeypatch.setattr(storage.S3Store, "upload_file", flaky)
+    with pytest.raises(KeyboardInterrupt):
+        prepare_dataset(cfg, progress=False)
+    assert not storage.exists(storage.join(s3_prefix, "manifest.json"))
+    monkeypatch.setattr(storage.S3Store, "upload_file", real_upload)
+    m = prepare_dataset(cfg, progress=False)
+    assert storage.exists(storage.join(s3_prefix, "manifest.json"))
+    reader.make_dataset(s3_prefix, "test", batch_size=4, image_size=32)
+    assert m.unique_images == 200
+
+
+def test_cli_prepares_from_s3_source_with_bad_images_skipped(tmp_path, s3_prefix):
+    src = make_class_folders(tmp_path / "src", per_class=6, size=48, classes=("A", "B"))
+    (src / "A" / "notes.jpg").write_text("this is not a picture")
+    good = (src / "B" / "B-0000.jpg").read_bytes()
+    (src / "B" / "truncated.jpg").write_bytes(good[: len(good) // 2])
+    Image.new("RGB", (8, 8)).save(src / "A" / "tiny.png")
+    Image.new("L", (48, 48), 128).save(src / "A" / "grey.png")  # convertible: accepted
+    store = storage.store_for(s3_prefix)
+    for f in src.rglob("*"):
+        if f.is_file():
+            store.upload_file(f, storage.join(s3_prefix, "src", str(f.relative_to(src))))
+    cfg = tmp_path / "cfg.yaml"
+    cfg.write_text("data:\n  class_names: {}\n  shard_size: 4\n")
+    out = storage.join(s3_prefix, "out")
+    failed = run_cli("data", "prepare", "--config", str(cfg), "--source", storage.join(s3_prefix, "src"),
+                     "--output", out, "--no-progress")
+    assert failed.returncode == 2
+    for name in ("notes.jpg", "truncated.jpg", "tiny.png"):
+        assert name in failed.stderr
+    assert "corrupt or truncated" in failed.stderr and "too small" in failed.stderr
+    assert not storage.exists(storage.join(out, "manifest.json"))
+
+    ok = run_cli("data", "prepare", "--config", str(cfg), "--source", storage.join(s3_prefix, "src"),
+                 "--output", out, "--on-bad-image", "skip", "--no-progress")
+    assert ok.returncode == 0, ok.stderr
+    assert "bad 3" in ok.stdout and "skipping 3 bad image(s)" in ok.stderr
+    m = load(out)
+    assert {b.path for b in m.bad_images} == {"A/notes.jpg", "B/truncated.jpg", "A/tiny.png"}
+    assert m.unique_images == 13 and m.class_names == ["A", "B"]
+
+
+@pytest.mark.parametrize(
+    "case",
+    ["missing-source", "empty-class", "bad-field", "unreachable", "wrong-credentials"],
+)
+def test_bad_input_exits_nonzero_with_a_clear_message(case, tmp_path, s3_server, s3_prefix):
+    src = make_class_folders(tmp_path / "src", per_class=4, size=48)
+    args = ["data", "prepare", "--source", str(src), "--output", storage.join(s3_prefix, "out"), "--no-progress"]
+    env: dict[str, str] = {}
+    expect = ""
+    if case == "missing-source":
+        args[3] = str(tmp_path / "nope")
+        expect = "source folder not found"
+    elif case == "empty-class":
+        for f in (src / "Pre").iterdir():
+            f.unlink()
+        expect = "class folder is missing or empty"
+    elif case == "bad-field":
+        env = {"BLOODCNN__DATA__SHARD_SIZE": "zero"}
+        expect = "data.shard_size"
+    elif case == "unreachable":
+        env = {"AWS_ENDPOINT_URL": "http://127.0.0.1:9", "BLOODCNN__STORAGE__MAX_ATTEMPTS": "1"}
+        expect = "cannot reach the S3 endpoint"
+    elif case == "wrong-credentials":
+        env = {"AWS_SECRET_ACCESS_KEY": "definitely-wrong-secret-123"}
+        expect = "S3 rejected the credentials"
+    result = run_cli(*args, env=env)
+    assert result.returncode == 2, result.stderr
+    assert expect in result.stderr
+    assert "Traceback" not in result.stderr
+    output = result.stdout + result.stderr
+    assert s3_server.secret_key not in output and "definitely-wrong-secret-123" not in output
+    assert not storage.exists(storage.join(s3_prefix, "out", "manifest.json"))
+
+
+def test_real_dataset_on_s3_has_3216_unique_images_and_no_leaks(s3_server, tmp_path):
+    """The ALL dataset (../shared): 40 exact pairs collapse; no near-duplicate pair crosses splits."""
+    if not DATASET.is_dir():
+        pytest.fail(f"dataset missing at {DATASET}")
+    out = "s3://test/all-leukemia"
+    from bloodcnn.config import load_config
+
+    cfg = load_config(environ={}, overrides={"data": {"source": str(DATASET), "output": out, "augment": {"copies": 1}}})
+    m = prepare_dataset(cfg, progress=False)
+    assert m.scanned == 3256 and m.unique_images == 3216 and len(m.exact_duplicates) == 40
+    assert_no_group_spans_splits(m)
+    # independent check: recompute the hashes of every file and test every near pair
+    split_of = {i.source: i.split for i in m.images}
+    for dup in m.exact_duplicates:
+        split_of[dup.removed] = split_of[dup.kept]
+    sources = sorted(split_of)
+    bits = np.stack([imagehash.average_hash(Image.open(DATASET / s), hash_size=16).hash.flatten() for s in sources])
+    b = bits.astype(np.int32)
+    dist = b.sum(1)[:, None] + b.sum(1)[None, :] - 2 * (b @ b.T)
+    pairs = [(i, j) for i, j in zip(*np.nonzero(np.triu(dist <= 12, k=1)))]
+    assert len(pairs) >= 80  # SOURCE.md reports 84 near pairs (40 exact) with its own aHash resize
+    crossing = [(sources[i], sources[j]) for i, j in pairs if split_of[sources[i]] != split_of[sources[j]]]
+    assert not crossing, crossing[:5]
+    counts = {s: sum(m.splits[s].counts.values()) for s in ("train", "val", "test")}
+    assert abs(counts["test"] / 3216 - 0.15) < 0.01 and abs(counts["val"] / 3216 - 0.15) < 0.01
+    total_read = sum(len(batch[0]) for batch in reader.make_dataset(out, "test", batch_size=64, image_size=64))
+    assert total_read == counts["test"]

@@ -27,6 +27,11 @@ RayService/RayJob names at 47 (it appends 6 characters for the RayCluster and "-
 {{- . | trunc 47 | trimSuffix "-" -}}
 {{- end -}}
 
+{{/* A run id as text (numbers from values files arrive as floats: print them as integers). */}}
+{{- define "bloodcnn.runId" -}}
+{{- if kindIs "float64" . -}}{{ int64 . }}{{- else -}}{{ toString . | lower }}{{- end -}}
+{{- end -}}
+
 {{- define "bloodcnn.chart" -}}
 {{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
 {{- end -}}
@@ -176,16 +181,24 @@ The Ray Serve config (serveConfigV2) rendered from the app config and .Values.se
 {{- define "bloodcnn.serveConfig" -}}
 {{- $cfg := include "bloodcnn.appConfig" . | fromYaml -}}
 {{- $serve := $cfg.serve -}}
-{{- range $key := list "model_version" "max_batch_size" "batch_wait_timeout_s" "uncertain_threshold" "max_ongoing_requests" "num_cpus_per_replica" "autoscaling" -}}
+{{- range $key := list "model_version" "max_batch_size" "batch_wait_timeout_s" "uncertain_threshold" "version_poll_s" "max_pixels" "max_ongoing_requests" "num_cpus_per_replica" "autoscaling" -}}
 {{- if not (hasKey $serve $key) -}}
 {{- fail (printf "config.serve.%s must be set: it feeds the RayService serveConfigV2" $key) -}}
 {{- end -}}
 {{- end -}}
 {{- $sv := .Values.serving -}}
+{{- $batch := int $serve.max_batch_size -}}
+{{- $ongoing := int $serve.max_ongoing_requests -}}
+{{- /* Mirrors serving/app.py classifier_options(): a deployment's options given here replace the
+code's, so user_config and autoscaling_config must be complete. */ -}}
+{{- $autoscaling := deepCopy $serve.autoscaling -}}
+{{- if hasKey $autoscaling "look_back_period_s" -}}
+{{- $_ := set $autoscaling "metrics_interval_s" (minf 10.0 (divf $autoscaling.look_back_period_s 2.0)) -}}
+{{- end -}}
 {{- $classifier := dict
   "name" $sv.classifier.name
-  "max_ongoing_requests" $serve.max_ongoing_requests
-  "autoscaling_config" $serve.autoscaling
+  "max_ongoing_requests" (max $ongoing $batch)
+  "autoscaling_config" $autoscaling
   "ray_actor_options" (dict "num_cpus" $serve.num_cpus_per_replica "num_gpus" $sv.classifier.numGpus)
   "user_config" (dict
     "registry_uri" $cfg.registry.uri
@@ -193,9 +206,12 @@ The Ray Serve config (serveConfigV2) rendered from the app config and .Values.se
     "model_version" $serve.model_version
     "max_batch_size" $serve.max_batch_size
     "batch_wait_timeout_s" $serve.batch_wait_timeout_s
-    "uncertain_threshold" $serve.uncertain_threshold) -}}
+    "uncertain_threshold" $serve.uncertain_threshold
+    "version_poll_s" $serve.version_poll_s
+    "max_pixels" $serve.max_pixels) -}}
 {{- $apiIngress := dict
   "name" $sv.apiIngress.name
+  "max_ongoing_requests" (max (mul 2 $ongoing) (mul 4 $batch))
   "ray_actor_options" (dict "num_cpus" $sv.apiIngress.numCpus)
   "autoscaling_config" (dict
     "min_replicas" $sv.apiIngress.minReplicas
@@ -208,7 +224,7 @@ The Ray Serve config (serveConfigV2) rendered from the app config and .Values.se
   "deployments" (list $apiIngress $classifier) -}}
 {{- $config := dict
   "proxy_location" "EveryNode"
-  "http_options" (dict "host" "0.0.0.0" "port" 8000)
+  "http_options" (dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" 30)
   "applications" (list $app) -}}
 {{- toYaml $config -}}
 {{- end -}}
@@ -246,6 +262,8 @@ Pod building blocks shared by Ray pods, the data-prep Job and the helm test.
       name: {{ include "bloodcnn.apiKey.secretName" . }}
       key: {{ .Values.apiKey.key }}
 {{- end }}
+- name: PYTHONPATH
+  value: {{ .Values.image.workingDir | quote }}
 - name: KERAS_HOME
   value: /tmp/keras
 - name: MPLCONFIGDIR
@@ -254,6 +272,8 @@ Pod building blocks shared by Ray pods, the data-prep Job and the helm test.
   value: /tmp/.cache
 - name: PYTHONDONTWRITEBYTECODE
   value: "1"
+- name: TF_CPP_MIN_LOG_LEVEL
+  value: "2"
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}
@@ -337,6 +357,8 @@ spec:
     - name: {{ $head | ternary "ray-head" "ray-worker" }}
       image: {{ include "bloodcnn.image" $root }}
       imagePullPolicy: {{ $root.Values.image.pullPolicy }}
+      # `ray start` runs here, so Ray job entrypoints like `python jobs/train.py` resolve.
+      workingDir: {{ $root.Values.image.workingDir }}
       securityContext:
         {{- include "bloodcnn.containerSecurityContext" $root | nindent 8 }}
       env:
@@ -450,6 +472,7 @@ containers:
   - name: prepare-data
     image: {{ include "bloodcnn.image" . }}
     imagePullPolicy: {{ .Values.image.pullPolicy }}
+    workingDir: {{ .Values.image.workingDir }}
     command:
       - python
       - jobs/prepare_data.py

@@ -135,6 +135,7 @@ class AutoscalingConfig(_Section):
     target_ongoing_requests: float = Field(16, gt=0)
     upscale_delay_s: float = Field(3.0, ge=0)
     downscale_delay_s: float = Field(15.0, ge=0)
+    look_back_period_s: float = Field(30.0, gt=0, description="window over which ongoing requests are averaged")
 
     @model_validator(mode="after")
     def _ordered(self) -> "AutoscalingConfig":

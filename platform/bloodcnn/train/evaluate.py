@@ -52,7 +52,8 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
         else:
             aucs.append(float(roc_auc_score(positives, probs[:, c])))
     defined = [a for a in aucs if a is not None]
-    present = support > 0
+    # classes that occur in the labels or the predictions (sklearn's default for macro averages)
+    present = (support > 0) | (np.bincount(y_pred, minlength=len(labels))[: len(labels)] > 0)
     return {
         "num_examples": int(len(y_true)),
         "class_names": list(class_names),

@@ -165,8 +165,8 @@ def _ensure_ray() -> None:
     import ray
 
     if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS")
-        log.info("connecting to Ray at %s", address or "(new local cluster)")
+        address = os.environ.get("RAY_ADDRESS") or "local"  # "local": never attach to a stray cluster
+        log.info("connecting to Ray at %s", address if address != "local" else "(new local cluster)")
         ray.init(address=address, log_to_driver=True)
 
 
@@ -356,7 +356,7 @@ def export_inference_model(checkpoint_model: Path, plan: TrainPlan, cfg: AppConf
     trained.trainable = False
     fresh.trainable = False
     fresh.set_weights(trained.get_weights())
-    fresh.save(str(out), include_optimizer=False)
+    fresh.save(str(out))  # not compiled: no optimizer state in the file
     return fresh
 
 
@@ -421,8 +421,11 @@ def run_training(
         plan.epochs_head, plan.epochs_fine_tune, cfg.train.dataset, plan.dataset_version, run_uri(cfg, plan.run_name),
     )
     trainer = build_trainer(cfg, plan)
+    fit_started = time.time()
     result = _fit(trainer, plan, cfg)
-    train_wall = time.time() - started
+    fit_wall = time.time() - fit_started
+    log.info("training run %s finished in %.1fs; evaluating the final model on the test split",
+             plan.run_name, fit_wall)
 
     from bloodcnn.train.evaluate import evaluate_model
     from bloodcnn.train.plots import confusion_matrix_png, training_curves_png
@@ -449,7 +452,7 @@ def run_training(
             "images_per_s": sum(steady) / len(steady) if steady else None,
             "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
             "wall_time_s": round(time.time() - started, 1),
-            "fit_wall_time_s": round(train_wall, 1),
+            "fit_wall_time_s": round(fit_wall, 1),
             "worker_nodes": {str(r): w["node_id"] for r, w in workers.items()},
             "history": history,
         }

@@ -19,6 +19,7 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -29,6 +30,12 @@ STATE_FILE = "state.json"
 WORKERS_DIR = "workers"
 PHASE_HEAD = "head"
 PHASE_FINE_TUNE = "fine_tune"
+
+
+def _say(message: str) -> None:
+    """One progress line on the worker's stdout (Ray forwards it to the driver's console)."""
+    sys.stdout.write(f"[bloodcnn] {message}\n")
+    sys.stdout.flush()
 
 
 def _configure_threads(cpus: float) -> None:
@@ -106,8 +113,7 @@ def _fault_callback(fault: dict[str, Any] | None, rank: int):
                 if not marker.exists():
                     marker.parent.mkdir(parents=True, exist_ok=True)
                     marker.write_text(json.dumps({"rank": rank, "epoch": self.epoch + 1, "pid": os.getpid()}))
-                    print(f"[bloodcnn] fault injection: killing rank {rank} (pid {os.getpid()}) "
-                          f"in epoch {self.epoch + 1}", flush=True)
+                    _say(f"fault injection: killing rank {rank} (pid {os.getpid()}) in epoch {self.epoch + 1}")
                     os.kill(os.getpid(), signal.SIGKILL)
 
     return KillOnce()
@@ -129,6 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from bloodcnn.data.reader import load_manifest, make_dataset
     from bloodcnn.model import build_model, unfreeze_top_blocks
 
+    tf.get_logger().setLevel("WARNING")
     ctx = ray.train.get_context()
     rank, world = ctx.get_world_rank(), ctx.get_world_size()
     node_id = ray.get_runtime_context().get_node_id()
@@ -186,8 +193,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             phase = state["phase"]
             attempt_seed = done + 1
             if rank == 0:
-                print(f"[bloodcnn] resuming run {plan['run_name']} from epoch {done} "
-                      f"({phase} phase) of {total_epochs}", flush=True)
+                _say(f"resuming run {plan['run_name']} after epoch {done} of {total_epochs} ({phase} phase)")
         else:
             model = build_model(manifest.num_classes, t.image_size, plan["weights"], t.dropout,
                                 cache_dir=plan.get("cache_dir"))
@@ -268,9 +274,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 val = (f" val_loss={row['val_loss']:.4f} val_acc={row['val_accuracy']:.4f}"
                        if row["val_loss"] is not None else "")
                 ips = f"{row['images_per_s']:.1f}" if row["images_per_s"] else "-"
-                print(f"[bloodcnn] epoch {epoch + 1}/{total_epochs} ({self.phase_name}) "
-                      f"loss={row['loss']:.4f} acc={row['accuracy']:.4f}{val} "
-                      f"{ips} img/s ({world} worker(s), {row['epoch_s']:.1f}s)", flush=True)
+                _say(f"epoch {epoch + 1}/{total_epochs} ({self.phase_name}) "
+                     f"loss={row['loss']:.4f} acc={row['accuracy']:.4f}{val} "
+                     f"{ips} img/s ({world} worker(s), {row['epoch_s']:.1f}s)")
 
     def fit(phase_name: str, initial_epoch: int, epochs: int) -> None:
         callbacks = [Report(phase_name)]
@@ -292,6 +298,5 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                 trainable = unfreeze_top_blocks(model, t.fine_tune_blocks)
                 _compile(model, t.fine_tune_learning_rate * lr_scale, t.label_smoothing)
             if rank == 0:
-                print(f"[bloodcnn] fine-tuning the top {t.fine_tune_blocks} block(s): "
-                      f"{trainable} trainable layers in the backbone", flush=True)
+                _say(f"fine-tuning the top {t.fine_tune_blocks} block(s): {trainable} trainable layers in the backbone")
         fit(PHASE_FINE_TUNE, done, total_epochs)

@@ -1,0 +1,321 @@
+"""HTTP load benchmark of the bloodcnn Serve application (a script, not a test).
+
+    .venv/bin/python bench/serve_load.py [--duration 20] [--concurrency 1 8 32]
+
+What it does, all in one command so the figures are comparable:
+
+1. starts a local SeaweedFS S3, builds the 224 px MobileNetV2 classifier with the shared
+   ImageNet weights (no training: the head is random) and registers + promotes it;
+2. (a) the ceiling: the compiled, batched ``tf.function`` in this process at batch 32 on
+   pre-resized images;
+3. starts Ray + Serve, deploys ``serving.app`` and measures the cold start (deploy call ->
+   first successful prediction), then drives ``POST /v1/predict`` (one JPEG from the dataset
+   per request, multipart) at each concurrency with an httpx async load generator;
+4. (b) the naive baseline: a separate Serve app, one FastAPI deployment that decodes the
+   upload and calls ``model.predict`` per request (no batching), under the same load;
+5. prints markdown rows for docs/benchmarks.md and checks the goals at the top concurrency
+   (throughput >= 0.8 x (a) and >= 2 x (b); p99 <= 1.5 s).
+
+The load generator runs on the same machine, so it competes with the server for CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import glob
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("PYTHONPATH", str(REPO))
+
+DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
+DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "all-leukemia"
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return float("nan")
+    values = sorted(values)
+    k = (len(values) - 1) * q
+    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
+    return values[lo] + (values[hi] - values[lo]) * (k - lo)
+
+
+def multipart_bodies(images: list[bytes]) -> tuple[str, list[bytes]]:
+    """Pre-encoded multipart bodies (one 'file' part each), so the client spends no CPU on encoding."""
+    boundary = "bloodcnnbenchboundary7d1e"
+    bodies = []
+    for i, data in enumerate(images):
+        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"img{i}.jpg\"\r\n"
+                "Content-Type: image/jpeg\r\n\r\n").encode()
+        bodies.append(head + data + f"\r\n--{boundary}--\r\n".encode())
+    return f"multipart/form-data; boundary={boundary}", bodies
+
+
+async def _load(url: str, ctype: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
+    import httpx
+
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    latencies: list[float] = []
+    errors: dict[str, int] = {}
+    ok = 0
+    t_start = time.perf_counter()
+    t_measure = t_start + warmup
+    t_end = t_measure + duration
+    async with httpx.AsyncClient(limits=limits, timeout=60.0) as client:
+
+        async def worker(w: int) -> None:
+            nonlocal ok
+            i = w
+            while True:
+                t0 = time.perf_counter()
+                if t0 >= t_end:
+                    return
+                body = bodies[i % len(bodies)]
+                i += concurrency
+                try:
+                    r = await client.post(url, content=body, headers={"content-type": ctype})
+                    status = str(r.status_code)
+                except httpx.HTTPError as exc:
+                    status = type(exc).__name__
+                t1 = time.perf_counter()
+                if t0 >= t_measure and t1 <= t_end:
+                    if status == "200":
+                        ok += 1
+                        latencies.append(t1 - t0)
+                    else:
+                        errors[status] = errors.get(status, 0) + 1
+
+        await asyncio.gather(*(worker(w) for w in range(concurrency)))
+    return {
+        "concurrency": concurrency,
+        "ok": ok,
+        "errors": errors,
+        "rps": ok / duration,
+        "p50": percentile(latencies, 0.50),
+        "p99": percentile(latencies, 0.99),
+    }
+
+
+def load(url: str, ctype: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
+    return asyncio.run(_load(url, ctype, bodies, concurrency, duration, warmup))
+
+
+def ceiling(model, images_224, seconds: float, batch: int = 32) -> dict:
+    """(a) in-process compiled tf.function at a fixed batch size on pre-resized images."""
+    import numpy as np
+
+    from bloodcnn.inference import Predictor
+
+    pred = Predictor(model, 224)
+    x = np.stack([images_224[i % len(images_224)] for i in range(batch)])
+    pred.warmup([batch])
+    pred.predict(x)
+    n = 0
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        pred.predict(x)
+        n += batch
+    elapsed = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    m = 0
+    while time.perf_counter() - t1 < seconds / 2:
+        model.predict(x[:1], verbose=0)
+        m += 1
+    return {"tf_function_ips": n / elapsed, "model_predict_1_ips": m / (time.perf_counter() - t1),
+            "traces": pred.trace_count}
+
+
+def naive_app(registry_uri: str, model_name: str):
+    """(b) the common Ray Serve MobileNet example: one model.predict per request, no batching."""
+    from fastapi import FastAPI, UploadFile
+    from ray import serve
+
+    api = FastAPI()
+
+    @serve.deployment(name="NaiveClassifier", max_ongoing_requests=64, ray_actor_options={"num_cpus": 1})
+    @serve.ingress(api)
+    class NaiveClassifier:
+        def __init__(self, registry_uri: str, model_name: str):
+            import tempfile as _tmp
+
+            from bloodcnn.model import load_model
+            from bloodcnn.registry import Registry
+
+            path, self.meta = Registry(registry_uri, model_name).fetch("production", _tmp.mkdtemp())
+            self.model = load_model(path)
+
+        @api.post("/v1/predict")
+        async def predict(self, file: UploadFile):
+            from bloodcnn.inference import load_for_model
+
+            x, _ = load_for_model(await file.read(), self.meta.image_size)
+            probs = self.model.predict(x[None], verbose=0)[0]
+            top = int(probs.argmax())
+            return {"class": self.meta.class_names[top], "probabilities": probs.tolist()}
+
+    return NaiveClassifier.bind(registry_uri, model_name)
+
+
+def wait_first_prediction(url: str, ctype: str, body: bytes, timeout: float = 300.0) -> float:
+    import httpx
+
+    t0 = time.perf_counter()
+    while time.perf_counter() - t0 < timeout:
+        try:
+            r = httpx.post(url, content=body, headers={"content-type": ctype}, timeout=30)
+            if r.status_code == 200:
+                return time.perf_counter()
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"no successful prediction from {url} within {timeout}s")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per concurrency level")
+    ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
+    ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--naive-concurrency", type=int, nargs="+", default=None,
+                    help="levels for the naive service (default: same as --concurrency)")
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of JPEGs (searched recursively)")
+    ap.add_argument("--replicas", type=int, default=1, help="BloodClassifier replicas (min = max)")
+    ap.add_argument("--max-batch-size", type=int, default=32)
+    ap.add_argument("--batch-wait-s", type=float, default=0.02)
+    ap.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
+    args = ap.parse_args(argv)
+
+    import numpy as np
+
+    from bloodcnn import storage
+    from bloodcnn.inference import load_for_model
+    from bloodcnn.s3server import S3Server
+    from serving import devtools
+
+    files = sorted(glob.glob(str(Path(args.images) / "**" / "*.jp*g"), recursive=True))
+    if not files:
+        print(f"no JPEGs under {args.images}", file=sys.stderr)
+        return 2
+    step = max(1, len(files) // 64)
+    raw_images = [Path(f).read_bytes() for f in files[::step][:64]]
+    ctype, bodies = multipart_bodies(raw_images)
+
+    results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "args": vars(args)}
+    with S3Server(buckets=("bloodcnn",)) as s3:
+        os.environ.update(s3.env())
+        storage._s3_store.cache_clear()
+        registry_uri = "s3://bloodcnn/models"
+        model = devtools.make_model(224, weights=args.weights, kernel_scale=0.05, seed=1)
+        meta = devtools.register_model(registry_uri, model, version="bench-224")
+        print(f"registered {meta.model_name}/{meta.version} ({meta.image_size} px) in {registry_uri}", flush=True)
+
+        images_224 = [load_for_model(b, 224)[0] for b in raw_images]
+        print("measuring (a): in-process tf.function at batch 32 ...", flush=True)
+        results["ceiling"] = ceiling(model, images_224, seconds=10.0)
+        print(f"  {results['ceiling']}", flush=True)
+        del model
+
+        import ray
+        from ray import serve
+
+        from bloodcnn.config import load_config
+        from serving.app import build_app
+
+        ray.init(num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+        port = devtools.free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        base = f"http://127.0.0.1:{port}"
+        cfg = load_config(overrides={
+            "registry": {"uri": registry_uri},
+            "serve": {
+                "port": port, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+                "autoscaling": {"min_replicas": args.replicas, "max_replicas": args.replicas},
+            },
+        })
+        t0 = time.perf_counter()
+        serve.run(build_app(cfg), name="bloodcnn", route_prefix="/")
+        t_deployed = time.perf_counter()
+        t_first = wait_first_prediction(f"{base}/v1/predict", ctype, bodies[0])
+        results["cold_start_s"] = t_first - t0
+        results["deploy_s"] = t_deployed - t0
+        print(f"cold start: deploy -> first prediction {results['cold_start_s']:.1f}s "
+              f"(serve.run returned after {results['deploy_s']:.1f}s)", flush=True)
+
+        results["batched"] = []
+        for c in args.concurrency:
+            r = load(f"{base}/v1/predict", ctype, bodies, c, args.duration, args.warmup)
+            results["batched"].append(r)
+            print(f"  batched  c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']*1000:7.0f} ms  "
+                  f"p99 {r['p99']*1000:7.0f} ms  errors {r['errors']}", flush=True)
+        metrics = __import__("httpx").get(f"{base}/metrics").text
+        results["batch_size_sum_count"] = [
+            line for line in metrics.splitlines() if line.startswith("bloodcnn_batch_size_") and "bucket" not in line
+        ]
+        serve.delete("bloodcnn")
+
+        serve.run(naive_app(registry_uri, "bloodcnn"), name="naive", route_prefix="/naive")
+        wait_first_prediction(f"{base}/naive/v1/predict", ctype, bodies[0])
+        results["naive"] = []
+        for c in args.naive_concurrency or args.concurrency:
+            r = load(f"{base}/naive/v1/predict", ctype, bodies, c, args.duration, args.warmup)
+            results["naive"].append(r)
+            print(f"  naive    c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']*1000:7.0f} ms  "
+                  f"p99 {r['p99']*1000:7.0f} ms  errors {r['errors']}", flush=True)
+        serve.shutdown()
+        ray.shutdown()
+
+    report(results, args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+def report(results: dict, args) -> None:
+    ceil = results["ceiling"]["tf_function_ips"]
+    top = max(args.concurrency)
+    batched = {r["concurrency"]: r for r in results["batched"]}
+    naive = {r["concurrency"]: r for r in results["naive"]}
+    cmd = "python bench/serve_load.py " + " ".join(sys.argv[1:])
+    print()
+    print(f"Command: `{cmd.strip()}` ({results['cpus']} CPUs, 224 px MobileNetV2, one JPEG per request)")
+    print()
+    print("| service | concurrency | req/s | p50 (ms) | p99 (ms) | errors |")
+    print("|---|---|---|---|---|---|")
+    print(f"| (a) in-process batched tf.function, batch 32 (ceiling) | - | {ceil:.1f} img/s | - | - | - |")
+    print(f"| in-process model.predict, 1 image | - | {results['ceiling']['model_predict_1_ips']:.1f} img/s | - | - | - |")
+    for name, rows in (("bloodcnn Serve app (batched)", batched), ("(b) naive model.predict per request", naive)):
+        for c, r in sorted(rows.items()):
+            errs = sum(r["errors"].values())
+            print(f"| {name} | {c} | {r['rps']:.1f} | {r['p50']*1000:.0f} | {r['p99']*1000:.0f} | {errs} |")
+    print(f"| cold start (deploy -> first prediction) | - | {results['cold_start_s']:.1f} s | - | - | - |")
+    print()
+    if top in batched and top in naive:
+        b, n = batched[top], naive[top]
+        goals = [
+            (f"throughput >= 0.8 x ceiling ({0.8 * ceil:.1f})", b["rps"] >= 0.8 * ceil, f"{b['rps'] / ceil:.2f} x"),
+            (f"throughput >= 2 x naive ({2 * n['rps']:.1f})", b["rps"] >= 2 * n["rps"], f"{b['rps'] / max(n['rps'], 1e-9):.2f} x"),
+            ("p99 <= 1.5 s", b["p99"] <= 1.5, f"{b['p99']:.2f} s"),
+            ("no failed requests", not b["errors"], str(b["errors"] or 0)),
+        ]
+        print(f"Goals at concurrency {top}:")
+        for text, ok, value in goals:
+            print(f"- [{'x' if ok else ' '}] {text}: {value}")
+    for line in results.get("batch_size_sum_count", []):
+        print(f"  {line}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

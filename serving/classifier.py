@@ -1,0 +1,439 @@
+"""``BloodClassifier``: batched model replicas with registry hot-swap.
+
+Request path, per image: the ingress sends the (header-checked) upload bytes; a small
+thread pool decodes them with Pillow and resizes with ``bloodcnn.preprocess.resize``
+(exactly as training) while the previous batch runs; ``@serve.batch`` gathers up to
+``max_batch_size`` images for at most ``batch_wait_timeout_s``; one call of the compiled
+``tf.function`` (fixed ``[None, S, S, 3]`` signature: traced once) runs the batch in a
+worker thread, so the replica's event loop keeps accepting the next batch meanwhile.
+
+Model lifecycle: ``reconfigure(user_config)`` (called by Serve at start and on every
+``user_config`` change) resolves ``model_version`` (``production`` or pinned) in the
+registry, fetches it (sha256 checked), loads it in safe mode, warms it up and only then
+swaps it in with one attribute assignment. A background task re-resolves the version every
+``version_poll_s`` seconds, so promoting a model in the registry reaches every replica
+without a redeploy. A batch holds a reference to the model it started with, so in-flight
+requests finish on the old model and none is dropped.
+
+A replica with no model yet (empty registry, storage down) starts anyway and reports not
+ready; it keeps retrying in the background.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import shutil
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from ray import serve
+
+from bloodcnn.inference import ImageError, load_for_model, preprocess, decode_image, set_max_pixels
+from bloodcnn.registry import ModelMetadata, Registry
+from serving.settings import ClassifierSettings
+
+log = logging.getLogger("ray.serve")
+
+#: how long a request waits for a model that is being loaded before it gets 503
+LOAD_WAIT_S = float(os.environ.get("BLOODCNN_LOAD_WAIT_S", "30"))
+#: retry interval while no model could be loaded, even when version polling is off
+RETRY_WITHOUT_MODEL_S = 5.0
+#: Serve batches may be cut while the model is busy; the BatchRunner merges them, so let
+#: them all through (bounded by max_ongoing_requests anyway)
+MAX_CONCURRENT_BATCHES = 256
+
+
+class _QuietBatchWarning(logging.Filter):
+    """Drop Serve's "max_batch_size * max_concurrent_batches > max_ongoing_requests" warning:
+    concurrent batches are merged by BatchRunner, so the product is not a batch size."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "max_concurrent_batches" not in record.getMessage()
+
+
+log.addFilter(_QuietBatchWarning())
+
+
+@dataclass
+class LoadedModel:
+    """One immutable, warmed-up model version; swapped in as a whole."""
+
+    meta: ModelMetadata
+    source: tuple[str, str]
+    model: Any
+    predictor: Any
+    path: Path
+    loaded_at: float = field(default_factory=time.time)
+    load_seconds: float = 0.0
+    _gradcam: Any = None
+    _gradcam_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @property
+    def version(self) -> str:
+        return self.meta.version
+
+    @property
+    def image_size(self) -> int:
+        return self.meta.image_size
+
+    @property
+    def class_names(self) -> list[str]:
+        return self.meta.class_names
+
+    def gradcam(self):
+        with self._gradcam_lock:
+            if self._gradcam is None:
+                from bloodcnn.inference import GradCam
+
+                gc = GradCam(self.model, self.image_size)
+                gc.heatmap(np.zeros((self.image_size, self.image_size, 3), np.float32))  # trace once
+                self._gradcam = gc
+            return self._gradcam
+
+
+@dataclass
+class _Item:
+    x: np.ndarray  # float32 (S, S, 3) for the model that was current when decoded
+    data: bytes  # the upload, in case a swap changed the input size meanwhile
+    max_pixels: int
+
+
+def _warmup_sizes(max_batch_size: int) -> list[int]:
+    sizes = {1, max_batch_size}
+    b = 2
+    while b < max_batch_size:
+        sizes.add(b)
+        b *= 2
+    return sorted(sizes)
+
+
+def load_version(
+    registry: Registry, version: str, cache_dir: str | Path, max_batch_size: int, source: tuple[str, str]
+) -> LoadedModel:
+    """Fetch (sha256-checked), load in safe mode, compile and warm up one version. Blocking."""
+    from bloodcnn.inference import Predictor
+    from bloodcnn.model import load_model
+
+    t0 = time.perf_counter()
+    path, meta = registry.fetch(version, cache_dir)
+    model = load_model(path)
+    out = int(model.output_shape[-1])
+    if out != len(meta.class_names):
+        raise ValueError(f"model {meta.version} has {out} outputs but {len(meta.class_names)} class names")
+    if int(model.input_shape[1]) != meta.image_size:
+        raise ValueError(f"model {meta.version} takes {model.input_shape[1]} px, metadata says {meta.image_size}")
+    predictor = Predictor(model, meta.image_size)
+    predictor.warmup(_warmup_sizes(max_batch_size))
+    return LoadedModel(
+        meta=meta, source=source, model=model, predictor=predictor, path=path,
+        load_seconds=time.perf_counter() - t0,
+    )
+
+
+class BatchRunner:
+    """One forward pass at a time, in its own thread; merges whatever is waiting.
+
+    Ray Serve forms a new ``@serve.batch`` batch as soon as the previous one is handed
+    over, not when the model is free, so while a 224 px batch runs (~0.3 s on 2 cores)
+    it keeps cutting small batches every ``batch_wait_timeout_s``. Every batch that queued
+    up during a forward pass is concatenated into the next one (up to ``max_images``
+    images, same model version), so the compiled function always sees the largest batch
+    available and the CPU never idles between batches.
+    """
+
+    def __init__(self, executor: ThreadPoolExecutor, max_images: int):
+        self.executor = executor
+        self.max_images = max_images
+        self.calls = 0
+        self._pending: list[tuple[Any, np.ndarray, asyncio.Future]] = []
+        self._busy = False
+
+    async def run(self, model: "LoadedModel", x: np.ndarray) -> tuple[np.ndarray, int, bool]:
+        """-> (probabilities for ``x``, images in the forward pass, whether ``x`` came first in it)."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+        self._pending.append((model, x, fut))
+        if not self._busy:
+            self._busy = True
+            loop.create_task(self._drain())
+        return await fut
+
+    def _take(self) -> tuple[Any, list]:
+        model = self._pending[0][0]
+        take, rest, n = [], [], 0
+        for entry in self._pending:
+            if entry[0] is model and (not take or n + len(entry[1]) <= self.max_images):
+                take.append(entry)
+                n += len(entry[1])
+            else:
+                rest.append(entry)
+        self._pending = rest
+        return model, take
+
+    async def _drain(self) -> None:
+        loop = asyncio.get_running_loop()
+        try:
+            while self._pending:
+                model, take = self._take()
+                x = take[0][1] if len(take) == 1 else np.concatenate([e[1] for e in take])
+                try:
+                    probs = await loop.run_in_executor(self.executor, model.predictor.predict, x)
+                except Exception as exc:
+                    for _, _, f in take:
+                        if not f.done():
+                            f.set_exception(exc)
+                    continue
+                self.calls += 1
+                i = 0
+                for k, (_, xe, f) in enumerate(take):
+                    if not f.done():  # a cancelled request (client went away) is skipped
+                        f.set_result((probs[i:i + len(xe)], len(x), k == 0))
+                    i += len(xe)
+        finally:
+            self._busy = False
+
+
+@serve.deployment(name="BloodClassifier", max_ongoing_requests=64, graceful_shutdown_timeout_s=30)
+class BloodClassifier:
+    def __init__(self, storage: dict | None = None, cache_dir: str | None = None):
+        from bloodcnn.config import StorageConfig
+
+        self._storage = StorageConfig.model_validate(storage) if storage else None
+        self._cache_root = Path(cache_dir or tempfile.mkdtemp(prefix="bloodcnn-serve-"))
+        self._settings: ClassifierSettings | None = None
+        self._current: LoadedModel | None = None
+        self._loading = False
+        self._loaded_event: asyncio.Event | None = None
+        self._load_lock: asyncio.Lock | None = None
+        self._last_error: str | None = None
+        self._last_check: float = 0.0
+        self._poll_task: asyncio.Task | None = None
+        # decode/resize overlaps with inference; inference and Grad-CAM get one thread each
+        self._decode_pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="bloodcnn-decode")
+        self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloodcnn-infer")
+        self._explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloodcnn-explain")
+        self._runner = BatchRunner(self._infer_pool, 32)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    def _primitives(self) -> None:
+        if self._load_lock is None:
+            self._load_lock = asyncio.Lock()
+            self._loaded_event = asyncio.Event()
+
+    async def reconfigure(self, user_config: dict) -> None:
+        self._primitives()
+        new = ClassifierSettings.model_validate(user_config or {})
+        old, self._settings = self._settings, new
+        set_max_pixels(new.max_pixels)
+        self.infer_batch.set_max_batch_size(new.max_batch_size)
+        self.infer_batch.set_batch_wait_timeout_s(new.batch_wait_timeout_s)
+        self._runner.max_images = new.max_batch_size
+        source_changed = old is None or (old.registry_uri, old.model_name, old.model_version) != (
+            new.registry_uri, new.model_name, new.model_version,
+        )
+        log.info(
+            "BloodClassifier config: model %s/%s@%s, batch %d/%.3fs, poll %.1fs",
+            new.registry_uri, new.model_name, new.model_version, new.max_batch_size,
+            new.batch_wait_timeout_s, new.version_poll_s,
+        )
+        if source_changed or self._current is None:
+            await self.refresh()
+        if self._poll_task is None or self._poll_task.done():
+            self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
+
+    def _registry(self, s: ClassifierSettings) -> Registry:
+        return Registry(s.registry_uri, s.model_name, self._storage)
+
+    async def refresh(self) -> bool:
+        """Resolve the configured version; load and swap it in if it is new. True if swapped."""
+        self._primitives()
+        async with self._load_lock:
+            s = self._settings
+            if s is None:
+                return False
+            source = (s.registry_uri, s.model_name)
+            registry = self._registry(s)
+            self._last_check = time.time()
+            try:
+                version = await asyncio.to_thread(registry.resolve, s.model_version)
+            except Exception as exc:  # no production model yet, storage unreachable, ...
+                self._note_error(f"cannot resolve model {s.model_name}@{s.model_version}: {exc}")
+                return False
+            cur = self._current
+            if cur is not None and cur.version == version and cur.source == source:
+                return False
+            self._loading = True
+            try:
+                loaded = await asyncio.to_thread(
+                    load_version, registry, version, self._cache_root, s.max_batch_size, source
+                )
+            except Exception as exc:
+                self._note_error(f"cannot load model {s.model_name}/{version}: {type(exc).__name__}: {exc}")
+                return False
+            finally:
+                self._loading = False
+            previous, self._current = self._current, loaded  # the swap: one assignment
+            self._last_error = None
+            self._loaded_event.set()
+            log.info(
+                "BloodClassifier now serving %s/%s (%d px, loaded in %.1fs)%s",
+                s.model_name, version, loaded.image_size, loaded.load_seconds,
+                f", replacing {previous.version}" if previous else "",
+            )
+            self._explain_pool.submit(loaded.gradcam)  # trace Grad-CAM in the background
+            if previous is not None and previous.path.parent != loaded.path.parent:
+                self._forget(previous)
+            return True
+
+    def _forget(self, previous: LoadedModel) -> None:
+        """Remove an old version's cached file once no batch can still need it (files only)."""
+        try:
+            shutil.rmtree(previous.path.parent, ignore_errors=True)
+        except Exception:  # pragma: no cover - best effort
+            pass
+
+    def _note_error(self, message: str) -> None:
+        if message != self._last_error:
+            log.warning(message)
+        self._last_error = message
+
+    async def _poll_loop(self) -> None:
+        while True:
+            s = self._settings
+            interval = s.version_poll_s if s else RETRY_WITHOUT_MODEL_S
+            if interval <= 0:
+                if self._current is not None:
+                    return  # polling disabled and a model is loaded
+                interval = RETRY_WITHOUT_MODEL_S
+            elif self._current is None:
+                interval = min(interval, RETRY_WITHOUT_MODEL_S)
+            await asyncio.sleep(interval)
+            try:
+                await self.refresh()
+            except Exception:  # never let the poller die
+                log.exception("model refresh failed")
+
+    async def _model_or_none(self) -> LoadedModel | None:
+        cur = self._current
+        if cur is not None:
+            return cur
+        self._primitives()
+        if self._loading:
+            try:
+                await asyncio.wait_for(self._loaded_event.wait(), LOAD_WAIT_S)
+            except asyncio.TimeoutError:
+                pass
+        return self._current
+
+    # ------------------------------------------------------------------ requests
+
+    def _not_ready(self) -> dict:
+        reason = self._last_error or "the model is still loading"
+        return {"error": {"code": "not_ready", "message": f"no model loaded yet: {reason}", "status": 503}}
+
+    async def predict(self, data: bytes) -> dict:
+        """One uploaded image -> result dict, or ``{"error": {...}}`` for a bad image / no model."""
+        cur = await self._model_or_none()
+        if cur is None:
+            return self._not_ready()
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        try:
+            x, _ = await loop.run_in_executor(self._decode_pool, load_for_model, data, cur.image_size, s.max_pixels)
+        except ImageError as exc:
+            return {"error": exc.to_dict()}
+        return await self.infer_batch(_Item(x=x, data=data, max_pixels=s.max_pixels))
+
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
+    async def infer_batch(self, items: list[_Item]) -> list[dict]:
+        cur = self._current  # the model this whole batch runs on, even if a swap happens now
+        xs = []
+        for it in items:
+            if it.x.shape[0] != cur.image_size:  # a swap changed the input size since decoding
+                it.x = preprocess(decode_image(it.data, it.max_pixels), cur.image_size)
+            xs.append(it.x)
+        probs, tf_batch, first_part = await self._runner.run(cur, np.stack(xs))
+        threshold = self._settings.uncertain_threshold
+        return [
+            self._result(p, cur, threshold, batch_size=tf_batch, first=first_part and i == 0)
+            for i, p in enumerate(probs)
+        ]
+
+    @staticmethod
+    def _result(probs: np.ndarray, cur: LoadedModel, threshold: float, batch_size: int = 1, first: bool = True) -> dict:
+        probs = np.asarray(probs, dtype=np.float64)
+        top = int(np.argmax(probs))
+        return {
+            "class": cur.class_names[top],
+            "class_index": top,
+            "confidence": float(probs[top]),
+            "probabilities": {name: float(p) for name, p in zip(cur.class_names, probs)},
+            "uncertain": bool(probs[top] < threshold),
+            "model_version": cur.version,
+            "batch_size": batch_size,
+            "first_in_batch": first,
+        }
+
+    async def explain(self, data: bytes) -> dict:
+        """Grad-CAM overlay PNG plus the prediction for one image."""
+        cur = await self._model_or_none()
+        if cur is None:
+            return self._not_ready()
+        s = self._settings
+        loop = asyncio.get_running_loop()
+        try:
+            x, _ = await loop.run_in_executor(self._decode_pool, load_for_model, data, cur.image_size, s.max_pixels)
+        except ImageError as exc:
+            return {"error": exc.to_dict()}
+
+        def run():
+            gc = cur.gradcam()
+            return gc.explain(x) + (gc.layer_name,)
+
+        png, probs, layer = await loop.run_in_executor(self._explain_pool, run)
+        result = self._result(probs, cur, s.uncertain_threshold)
+        return {"png": png, "result": result, "layer": layer}
+
+    # ------------------------------------------------------------------ status
+
+    async def status(self) -> dict:
+        cur = self._current
+        return {
+            "ready": cur is not None,
+            "loading": self._loading,
+            "model_version": cur.version if cur else None,
+            "last_error": self._last_error,
+            "forward_passes": self._runner.calls,
+            "pid": os.getpid(),
+        }
+
+    async def model_info(self) -> dict | None:
+        cur = self._current
+        if cur is None:
+            return None
+        m = cur.meta
+        s = self._settings
+        return {
+            "model_name": m.model_name,
+            "version": m.version,
+            "requested_version": s.model_version if s else None,
+            "created_at": m.created_at,
+            "dataset_version": m.dataset_version,
+            "class_names": m.class_names,
+            "image_size": m.image_size,
+            "preprocessing": m.preprocessing,
+            "metrics": m.metrics,
+            "code_version": m.code_version,
+            "model_sha256": m.model_sha256,
+            "loaded_at": cur.loaded_at,
+            "uncertain_threshold": s.uncertain_threshold if s else None,
+        }

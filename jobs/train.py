@@ -28,20 +28,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--run-name", default=None, help="name of the run; the same name resumes it (train.run_name)")
     args = parser.parse_args(argv)
 
-    from bloodcnn.config import ConfigError, load_config
-    from bloodcnn.logs import setup_logging
-
-    setup_logging()
     import logging
 
+    from bloodcnn.config import ConfigError, load_config
+    from bloodcnn.data.manifest import DatasetError
+    from bloodcnn.logs import setup_logging
+    from bloodcnn.model import WeightsError
+    from bloodcnn.storage import StorageError
+    from bloodcnn.train.job import ClusterResourcesError, TrainingError, run_training
+
+    setup_logging()
     log = logging.getLogger("bloodcnn.train")
     try:
         cfg = load_config(args.config)
-        from bloodcnn.data.manifest import DatasetError
-        from bloodcnn.model import WeightsError
-        from bloodcnn.storage import StorageError
-        from bloodcnn.train.job import ClusterResourcesError, TrainingError, run_training
-
         meta = run_training(cfg, run_name=args.run_name)
     except (ConfigError, DatasetError, WeightsError, ClusterResourcesError, StorageError) as exc:
         log.error("%s: %s", type(exc).__name__, exc)

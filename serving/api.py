@@ -283,7 +283,7 @@ async def read_images(request: Request, settings: IngressSettings, max_images: i
             for value in form.getlist("file"):
                 if isinstance(value, str):
                     raise ApiError(400, "invalid_request", "the 'file' field must be a file upload")
-                images.append((value.filename, await value.read()))
+                images.append(((value.filename or "")[:255] or None, await value.read()))
         finally:
             await form.close()
     if not images:
@@ -466,6 +466,10 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
     @app.get("/", include_in_schema=False)
     async def index(request: Request):
         return page(request)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    async def favicon():
+        return await static_file("favicon.svg")
 
     @app.get("/static/{name}", include_in_schema=False)
     async def static_file(name: str):

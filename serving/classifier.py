@@ -46,6 +46,8 @@ log = logging.getLogger("ray.serve")
 LOAD_WAIT_S = float(os.environ.get("BLOODCNN_LOAD_WAIT_S", "30"))
 #: retry interval while no model could be loaded, even when version polling is off
 RETRY_WITHOUT_MODEL_S = 5.0
+#: longest wait before retrying a version that failed to load
+MAX_RETRY_S = 300.0
 #: Serve batches may be cut while the model is busy; the BatchRunner merges them, so let
 #: them all through (bounded by max_ongoing_requests anyway)
 MAX_CONCURRENT_BATCHES = 256
@@ -207,6 +209,7 @@ class BloodClassifier:
         from bloodcnn.config import StorageConfig
 
         self._storage = StorageConfig.model_validate(storage) if storage else None
+        self._own_cache = cache_dir is None
         self._cache_root = Path(cache_dir or tempfile.mkdtemp(prefix="bloodcnn-serve-"))
         self._settings: ClassifierSettings | None = None
         self._current: LoadedModel | None = None
@@ -214,6 +217,7 @@ class BloodClassifier:
         self._loaded_event: asyncio.Event | None = None
         self._load_lock: asyncio.Lock | None = None
         self._last_error: str | None = None
+        self._failures: dict[tuple, tuple[int, float]] = {}  # (source, version) -> (attempts, next try)
         self._last_check: float = 0.0
         self._poll_task: asyncio.Task | None = None
         # decode/resize overlaps with inference; inference and Grad-CAM get one thread each
@@ -221,6 +225,15 @@ class BloodClassifier:
         self._infer_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloodcnn-infer")
         self._explain_pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="bloodcnn-explain")
         self._runner = BatchRunner(self._infer_pool, 32)
+
+    def __del__(self):
+        # Serve calls this when the replica stops (downscale, redeploy, shutdown)
+        for pool in (getattr(self, "_decode_pool", None), getattr(self, "_infer_pool", None),
+                     getattr(self, "_explain_pool", None)):
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
+        if getattr(self, "_own_cache", False):
+            shutil.rmtree(self._cache_root, ignore_errors=True)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -246,15 +259,20 @@ class BloodClassifier:
             new.batch_wait_timeout_s, new.version_poll_s,
         )
         if source_changed or self._current is None:
-            await self.refresh()
+            await self.refresh(force=source_changed)
         if self._poll_task is None or self._poll_task.done():
             self._poll_task = asyncio.get_running_loop().create_task(self._poll_loop())
 
     def _registry(self, s: ClassifierSettings) -> Registry:
         return Registry(s.registry_uri, s.model_name, self._storage)
 
-    async def refresh(self) -> bool:
-        """Resolve the configured version; load and swap it in if it is new. True if swapped."""
+    async def refresh(self, force: bool = False) -> bool:
+        """Resolve the configured version; load and swap it in if it is new. True if swapped.
+
+        A version that failed to load (corrupt file, code in the model, storage error) is
+        retried with exponential backoff, from one poll interval up to ``MAX_RETRY_S``, so a
+        bad promotion does not re-download the file on every poll; ``force`` retries now.
+        """
         self._primitives()
         async with self._load_lock:
             s = self._settings
@@ -270,17 +288,27 @@ class BloodClassifier:
                 return False
             cur = self._current
             if cur is not None and cur.version == version and cur.source == source:
+                self._last_error = None  # in sync with the registry again
                 return False
+            key = (source, version)
+            failed = self._failures.get(key)
+            if failed is not None and not force and time.monotonic() < failed[1]:
+                return False  # still backing off; last_error keeps the reason
             self._loading = True
             try:
                 loaded = await asyncio.to_thread(
                     load_version, registry, version, self._cache_root, s.max_batch_size, source
                 )
             except Exception as exc:
-                self._note_error(f"cannot load model {s.model_name}/{version}: {type(exc).__name__}: {exc}")
+                count = failed[0] + 1 if failed else 1
+                delay = min(MAX_RETRY_S, max(s.version_poll_s, 1.0) * 2 ** (count - 1))
+                self._failures[key] = (count, time.monotonic() + delay)
+                self._note_error(f"cannot load model {s.model_name}/{version}: {type(exc).__name__}: {exc}"
+                                 f" (attempt {count}; next try in {delay:.0f}s)")
                 return False
             finally:
                 self._loading = False
+            self._failures.pop(key, None)
             previous, self._current = self._current, loaded  # the swap: one assignment
             self._last_error = None
             self._loaded_event.set()

@@ -142,7 +142,8 @@ class LocalStack:
                 os.environ[k] = v
         if repo not in sys.path:
             sys.path.insert(0, repo)
-        ray.init(num_cpus=self.num_cpus, include_dashboard=False, configure_logging=False)
+        # address="local": always a fresh private instance, never a cluster someone else started
+        ray.init(address="local", num_cpus=self.num_cpus, include_dashboard=False, configure_logging=False)
         self.port = free_port()
         serve.start(http_options={"host": self.host, "port": self.port})
         targets = [

@@ -517,3 +517,4 @@ def test_hot_swap_to_newly_promoted_version_under_load(stack):
     assert info["version"] == "v2" and info["metrics"]["accuracy"] == 0.95
     r = post_files(f"{stack.main}/v1/predict", [("a.png", png(), "image/png")]).json()["results"][0]
     assert r["class"] == "Pro-B" and r["model_version"] == "v2"
+

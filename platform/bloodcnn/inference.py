@@ -36,6 +36,10 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False
 Image.MAX_IMAGE_PIXELS = DEFAULT_MAX_PIXELS
 
 
+#: magic numbers of the accepted formats: bytes that start like an image but do not parse are corrupt
+_SIGNATURES = (b"\x89PNG\r\n\x1a\n", b"\xff\xd8\xff", b"BM", b"II*\x00", b"MM\x00*")
+
+
 class ImageError(ValueError):
     """An upload that cannot be used; ``status`` and ``code`` go into the HTTP error."""
 
@@ -76,6 +80,8 @@ def _open(data: bytes, max_pixels: int) -> Image.Image:
             "too_many_pixels", f"image has more than {max_pixels} pixels (decompression bomb guard)", 413
         ) from None
     except UnidentifiedImageError:
+        if data.startswith(_SIGNATURES):
+            raise ImageError("corrupt_image", "the image is corrupt: its header cannot be read") from None
         raise ImageError("not_an_image", "the upload is not a recognised image (JPEG, PNG, BMP or TIFF)") from None
     except Exception as exc:  # Pillow raises many types on garbage headers
         raise ImageError("corrupt_image", f"the image header cannot be read: {type(exc).__name__}") from None
@@ -137,7 +143,14 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarra
 
 
 def preprocess(array: np.ndarray, image_size: int) -> np.ndarray:
-    """RGB uint8 (H, W, 3) -> float32 (S, S, 3) in 0..255, with the training resize."""
+    """RGB uint8 (H, W, 3) -> float32 (S, S, 3) in 0..255, with the training resize.
+
+    An image already at (S, S) skips the TF call: the antialiased bilinear resize at scale
+    1 is exactly the identity (asserted in tests/test_serving_units.py), and skipping it
+    saves ~2 ms of CPU per 224 px image.
+    """
+    if array.shape[0] == image_size and array.shape[1] == image_size:
+        return array.astype(np.float32)
     from bloodcnn.preprocess import resize
 
     return resize(array, image_size).numpy()

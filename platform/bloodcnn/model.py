@@ -87,5 +87,18 @@ def unfreeze_top_blocks(model: keras.Model, blocks: int) -> int:
 
 
 def load_model(path: str | Path) -> keras.Model:
-    """Load a registered ``.keras`` model in safe mode (no pickle, no arbitrary code)."""
+    """Load a registered ``.keras`` model in safe mode (no pickle, no arbitrary code).
+
+    Only the zip-based ``.keras`` format honours ``safe_mode``: tf_keras hands anything else
+    (an HDF5 file, even one named ``model.keras``) to its legacy loader, which rebuilds Lambda
+    layers from marshalled bytecode and so runs code from the file. Such files are refused.
+    """
+    import zipfile
+
+    path = Path(path)
+    if path.suffix != ".keras" or not zipfile.is_zipfile(path):
+        raise ValueError(
+            f"refusing to load {path.name}: not a zip-based .keras model file (legacy HDF5/SavedModel "
+            "files can run code when loaded)"
+        )
     return keras.models.load_model(str(path), compile=False, safe_mode=True)

@@ -151,6 +151,13 @@ def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = 
     from bloodcnn.registry import Registry
     from bloodcnn.train.plots import confusion_matrix_png
 
+    import tensorflow as tf
+
+    for gpu in tf.config.list_physical_devices("GPU"):  # share a GPU with whatever else runs there
+        try:
+            tf.config.experimental.set_memory_growth(gpu, True)
+        except (RuntimeError, ValueError):
+            pass
     manifest = load_manifest(cfg.train.dataset, cfg.storage)
     with tempfile.TemporaryDirectory(prefix="bloodcnn-eval-") as tmp:
         if model_ref.endswith(".keras"):

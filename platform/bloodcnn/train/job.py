@@ -94,6 +94,22 @@ def fingerprint(cfg: AppConfig, dataset_version: str) -> str:
     return hashlib.sha256(json.dumps(train, sort_keys=True).encode()).hexdigest()[:16]
 
 
+def driver_tensorflow_on_cpu() -> None:
+    """Keep the driver's TensorFlow off the GPUs: by default TF takes all of a GPU's memory,
+    and on a single-node run the training worker needs that GPU. The driver only checks the
+    weights and evaluates once, which the CPU does fine."""
+    import tensorflow as tf
+
+    try:
+        tf.config.set_visible_devices([], "GPU")
+    except (RuntimeError, ValueError):  # TF already initialised in this process: at least don't grab it all
+        for gpu in tf.config.list_physical_devices("GPU"):
+            try:
+                tf.config.experimental.set_memory_growth(gpu, True)
+            except (RuntimeError, ValueError):
+                pass
+
+
 def check_weights(cfg: AppConfig, num_classes: int) -> None:
     """Build the model once in the driver so a wrong weights file fails before any worker starts."""
     from bloodcnn.model import WeightsError, build_model
@@ -383,6 +399,7 @@ def run_training(
     ``_fault`` is for tests only (kill a worker once, see ``loop._fault_callback``).
     """
     started = time.time()
+    driver_tensorflow_on_cpu()
     plan = plan_training(cfg, run_name=run_name)
     cfg = cfg.model_copy(deep=True)
     cfg.train.run_name = plan.run_name

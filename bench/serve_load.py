@@ -7,7 +7,8 @@ What it does, all in one command so the figures are comparable:
 1. starts a local SeaweedFS S3, builds the 224 px MobileNetV2 classifier with the shared
    ImageNet weights (no training: the head is random) and registers + promotes it;
 2. (a) the ceiling: the compiled, batched ``tf.function`` in this process at batch 32 on
-   pre-resized images;
+   pre-resized images (measured before and again after the batched runs; the goal uses the
+   higher figure, since the machine may be shared);
 3. starts Ray + Serve, deploys ``serving.app`` and measures the cold start (deploy call ->
    first successful prediction), then drives ``POST /v1/predict`` (one JPEG from the dataset
    per request, multipart) at each concurrency with a closed-loop load generator (threads,
@@ -27,9 +28,7 @@ import glob
 import json
 import os
 import platform
-import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -240,7 +239,6 @@ def main(argv: list[str] | None = None) -> int:
         results["ceiling"] = ceiling(model, images_224, seconds=10.0)
         results["ceiling"]["loadavg_1m_after"] = os.getloadavg()[0]
         print(f"  {results['ceiling']}", flush=True)
-        del model
 
         import ray
         from ray import serve
@@ -284,6 +282,13 @@ def main(argv: list[str] | None = None) -> int:
             line for line in metrics.splitlines() if line.startswith("bloodcnn_batch_size_") and "bucket" not in line
         ]
         serve.delete("bloodcnn")
+        # the machine may be shared: measure the ceiling again and hold the service to the higher one
+        print("measuring (a) again after the batched runs ...", flush=True)
+        again = ceiling(model, images_224, seconds=10.0)
+        again["loadavg_1m_after"] = os.getloadavg()[0]
+        results["ceiling_after"] = again
+        print(f"  {again}", flush=True)
+        del model
 
         serve.run(naive_app(registry_uri, "bloodcnn"), name="naive", route_prefix="/naive")
         wait_first_prediction(f"{base}/naive", ctype, bodies[0])
@@ -304,7 +309,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def report(results: dict, args) -> None:
-    ceil = results["ceiling"]["tf_function_ips"]
+    ceilings = [results["ceiling"]] + ([results["ceiling_after"]] if "ceiling_after" in results else [])
+    ceil = max(c["tf_function_ips"] for c in ceilings)
     top = max(args.concurrency)
     batched = {r["concurrency"]: r for r in results["batched"]}
     naive = {r["concurrency"]: r for r in results["naive"]}
@@ -312,10 +318,11 @@ def report(results: dict, args) -> None:
     print()
     print(f"Command: `{cmd.strip()}` ({results['cpus']} CPUs, 224 px MobileNetV2, one JPEG per request)")
     print()
-    la = results["ceiling"].get("loadavg_1m_after", float("nan"))
     print("| service | concurrency | req/s | p50 (ms) | p99 (ms) | errors | load avg |")
     print("|---|---|---|---|---|---|---|")
-    print(f"| (a) in-process batched tf.function, batch 32 (ceiling) | - | {ceil:.1f} img/s | - | - | - | {la:.1f} |")
+    for when, c in zip(("before", "after"), ceilings):
+        print(f"| (a) in-process batched tf.function, batch 32 (ceiling, {when}) | - | {c['tf_function_ips']:.1f} img/s"
+              f" | - | - | - | {c.get('loadavg_1m_after', float('nan')):.1f} |")
     print(f"| in-process model.predict, 1 image | - | {results['ceiling']['model_predict_1_ips']:.1f} img/s"
           " | - | - | - | |")
     for name, rows in (("bloodcnn Serve app (batched)", batched), ("(b) naive model.predict per request", naive)):
@@ -330,7 +337,8 @@ def report(results: dict, args) -> None:
     if top in batched and top in naive:
         b, n = batched[top], naive[top]
         goals = [
-            (f"throughput >= 0.8 x ceiling ({0.8 * ceil:.1f})", b["rps"] >= 0.8 * ceil, f"{b['rps'] / ceil:.2f} x"),
+            (f"throughput >= 0.8 x ceiling (higher of the two: {0.8 * ceil:.1f})", b["rps"] >= 0.8 * ceil,
+             f"{b['rps'] / ceil:.2f} x"),
             (f"throughput >= 2 x naive ({2 * n['rps']:.1f})", b["rps"] >= 2 * n["rps"], f"{b['rps'] / max(n['rps'], 1e-9):.2f} x"),
             ("p99 <= 1.5 s", b["p99"] <= 1.5, f"{b['p99']:.2f} s"),
             ("no failed requests", not b["errors"], str(b["errors"] or 0)),

@@ -260,7 +260,7 @@ async def read_images(request: Request, settings: IngressSettings, max_images: i
     if mime == "application/json":
         try:
             doc = json.loads(body)
-        except (ValueError, UnicodeDecodeError):
+        except (ValueError, UnicodeDecodeError, RecursionError):  # RecursionError: deeply nested arrays
             raise ApiError(400, "invalid_json", "the body is not valid JSON") from None
         if not isinstance(doc, dict) or not isinstance(doc.get("images"), list):
             raise ApiError(400, "invalid_request", 'JSON body must be {"images": ["<base64>", ...]}')

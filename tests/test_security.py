@@ -360,11 +360,10 @@ def test_ray_cluster_refuses_a_client_without_the_token(ray_head):
     address = f"127.0.0.1:{ray_head['ports']['port']}"
     code = f"import ray; ray.init(address={address!r}); print('ATTACHED')"
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 32)
+    env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN="f" * 32, RAY_gcs_server_port_wait_time_s="2")
     bad = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    print(bad.stderr[-1500:])
     assert "ATTACHED" not in bad.stdout and bad.returncode != 0
-    assert re.search(r"(?i)auth|token|unauthenticated", bad.stderr), bad.stderr[-2000:]
+    assert "InvalidAuthToken" in bad.stderr or "AuthenticationError" in bad.stderr, bad.stderr[-2000:]
 
 
 # ------------------------------------------------------------------------------ models load without pickle

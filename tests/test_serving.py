@@ -18,7 +18,6 @@ import json
 import os
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import numpy as np

@@ -103,6 +103,8 @@ def test_two_workers_survive_a_killed_worker_register_evaluate_and_rerun(
     ckpt = storage.join(cfg.train.storage_path, "two-workers", "epoch-002")
     for rel in ("model.keras", "state.json", "workers/rank-0.json", "workers/rank-1.json"):
         assert storage.exists(storage.join(ckpt, rel)), rel
+    # the local weights file was staged next to the run, so workers on any node can read it
+    assert storage.exists(storage.join(cfg.train.storage_path, "two-workers", "weights", weights_file.name))
 
     # the registered model loads in safe mode and predicts like the trained checkpoint
     local, _ = reg.fetch(meta.version, tmp_path / "reg")

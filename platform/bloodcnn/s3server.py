@@ -36,6 +36,16 @@ def _weed_binary() -> str:
     return found
 
 
+def _die_with_parent() -> None:
+    """Linux: SIGTERM the server when the process that started it dies (a killed test run)."""
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+
+
 def _free_port() -> int:
     """A free port whose +10000 gRPC twin is free too (SeaweedFS' default gRPC offset)."""
     for _ in range(200):
@@ -118,7 +128,8 @@ class S3Server:
         self._log_path = self.data_dir / "weed.log"
         logf = open(self._log_path, "ab")
         self._proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=self.data_dir, start_new_session=True
+            cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=self.data_dir, start_new_session=True,
+            preexec_fn=_die_with_parent,
         )
         logf.close()
         self._wait_ready(timeout_s)

@@ -288,6 +288,19 @@ def _storage_filesystem(storage_path: str):
     return storage_path[len("s3://"):].rstrip("/"), fs
 
 
+def _stage_weights(cfg: AppConfig, plan: TrainPlan) -> str:
+    """A local weights file exists on this machine only: with S3 run storage, copy it next to the
+    run's checkpoints so that workers on every node can fetch it."""
+    weights = plan.weights
+    if weights in ("imagenet", "none", "") or storage.is_s3(weights) or not storage.is_s3(cfg.train.storage_path):
+        return weights
+    target = storage.join(run_uri(cfg, plan.run_name), "weights", Path(weights).name)
+    store = storage.store_for(target, cfg.storage)
+    if not (store.exists(target) and store.size(target) == Path(weights).stat().st_size):
+        store.upload_file(weights, target)
+    return target
+
+
 # ---------------------------------------------------------------------------------------------
 # Ray Train
 
@@ -400,7 +413,7 @@ def run_training(
     """
     started = time.time()
     driver_tensorflow_on_cpu()
-    plan = plan_training(cfg, run_name=run_name)
+    plan = plan_training(cfg, run_name=run_name, check_weights_file=False)
     cfg = cfg.model_copy(deep=True)
     cfg.train.run_name = plan.run_name
     plan.fault = _fault
@@ -426,6 +439,9 @@ def run_training(
                      reasons=gates_passed(meta.metrics, cfg)[1])
             return meta
 
+    check_weights(cfg.model_copy(update={"train": cfg.train.model_copy(update={"weights": plan.weights})}),
+                  len(plan.class_names))
+    plan.weights = _stage_weights(cfg, plan)
     _ensure_ray()
     check_cluster(cfg)
     _write_run_file(cfg, plan.run_name, {
@@ -458,7 +474,7 @@ def run_training(
         steady = ips[1:] if len(ips) > 1 else ips
         report["training"] = {
             "run_name": plan.run_name,
-            "checkpoint": result.checkpoint.path,
+            "checkpoint": storage.join(run_uri(cfg, plan.run_name), Path(result.checkpoint.path).name),
             "epochs_completed": state["epochs_done"],
             "epochs_head": plan.epochs_head,
             "epochs_fine_tune": plan.epochs_fine_tune,

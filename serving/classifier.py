@@ -368,18 +368,26 @@ class BloodClassifier:
         reason = self._last_error or "the model is still loading"
         return {"error": {"code": "not_ready", "message": f"no model loaded yet: {reason}", "status": 503}}
 
+    async def _decode(self, data: bytes, cur: LoadedModel) -> np.ndarray | dict:
+        """Decode in the thread pool for ``cur``'s input size; a bad image gives an error dict."""
+        loop = asyncio.get_running_loop()
+        try:
+            x, _ = await loop.run_in_executor(
+                self._decode_pool, load_for_model, data, cur.image_size, self._settings.max_pixels
+            )
+        except ImageError as exc:
+            return {"error": exc.to_dict()}
+        return x
+
     async def predict(self, data: bytes) -> dict:
         """One uploaded image -> result dict, or ``{"error": {...}}`` for a bad image / no model."""
         cur = await self._model_or_none()
         if cur is None:
             return self._not_ready()
-        s = self._settings
-        loop = asyncio.get_running_loop()
-        try:
-            x, _ = await loop.run_in_executor(self._decode_pool, load_for_model, data, cur.image_size, s.max_pixels)
-        except ImageError as exc:
-            return {"error": exc.to_dict()}
-        return await self.infer_batch(_Item(x=x, data=data, max_pixels=s.max_pixels))
+        x = await self._decode(data, cur)
+        if isinstance(x, dict):
+            return x
+        return await self.infer_batch(_Item(x=x, data=data, max_pixels=self._settings.max_pixels))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def infer_batch(self, items: list[_Item]) -> list[dict]:
@@ -416,19 +424,16 @@ class BloodClassifier:
         cur = await self._model_or_none()
         if cur is None:
             return self._not_ready()
-        s = self._settings
-        loop = asyncio.get_running_loop()
-        try:
-            x, _ = await loop.run_in_executor(self._decode_pool, load_for_model, data, cur.image_size, s.max_pixels)
-        except ImageError as exc:
-            return {"error": exc.to_dict()}
+        x = await self._decode(data, cur)
+        if isinstance(x, dict):
+            return x
 
         def run():
             gc = cur.gradcam()
             return gc.explain(x) + (gc.layer_name,)
 
-        png, probs, layer = await loop.run_in_executor(self._explain_pool, run)
-        result = self._result(probs, cur, s.uncertain_threshold)
+        png, probs, layer = await asyncio.get_running_loop().run_in_executor(self._explain_pool, run)
+        result = self._result(probs, cur, self._settings.uncertain_threshold)
         return {"png": png, "result": result, "layer": layer}
 
     # ------------------------------------------------------------------ status

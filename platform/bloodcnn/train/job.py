@@ -364,16 +364,13 @@ def _load_final_checkpoint(result, scratch: Path) -> tuple[Path, dict[str, Any],
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise TrainingError("the training run finished without a checkpoint")
-    with checkpoint.as_directory() as d:
-        d = Path(d)
-        state = json.loads((d / STATE_FILE).read_text())
-        local = scratch / "checkpoint.keras"
-        shutil.copyfile(d / MODEL_FILE, local)
-        workers = {}
-        for p in sorted((d / WORKERS_DIR).glob("rank-*.json")):
-            info = json.loads(p.read_text())
-            workers[int(info["rank"])] = info
-    return local, state, workers
+    d = Path(checkpoint.to_directory(str(scratch / "checkpoint")))
+    state = json.loads((d / STATE_FILE).read_text())
+    workers = {}
+    for p in sorted((d / WORKERS_DIR).glob("rank-*.json")):
+        info = json.loads(p.read_text())
+        workers[int(info["rank"])] = info
+    return d / MODEL_FILE, state, workers
 
 
 def export_inference_model(checkpoint_model: Path, plan: TrainPlan, cfg: AppConfig, out: Path):

@@ -74,20 +74,22 @@ def _compile(model, learning_rate: float, label_smoothing: float) -> None:
 
 
 def _restore(checkpoint) -> tuple[dict[str, Any], str, str] | None:
-    """Download the latest checkpoint: (state, local model path, scratch dir) or None."""
+    """Download the latest checkpoint: (state, local model path, scratch dir) or None.
+
+    Each worker downloads into its own scratch dir: ``Checkpoint.as_directory()`` shares one temp
+    dir between the workers of a node and races (one deletes it while another waits on its lock).
+    """
     if checkpoint is None:
         return None
     scratch = tempfile.mkdtemp(prefix="bloodcnn-restore-")
-    with checkpoint.as_directory() as d:
-        state_path = Path(d) / STATE_FILE
-        model_path = Path(d) / MODEL_FILE
-        if not (state_path.is_file() and model_path.is_file()):
-            shutil.rmtree(scratch, ignore_errors=True)
-            raise RuntimeError(f"checkpoint {checkpoint.path} lacks {STATE_FILE} or {MODEL_FILE}")
-        state = json.loads(state_path.read_text())
-        local = Path(scratch) / MODEL_FILE
-        shutil.copyfile(model_path, local)
-    return state, str(local), scratch
+    d = Path(checkpoint.to_directory(str(Path(scratch) / "ckpt")))
+    state_path = d / STATE_FILE
+    model_path = d / MODEL_FILE
+    if not (state_path.is_file() and model_path.is_file()):
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise RuntimeError(f"checkpoint {checkpoint.path} lacks {STATE_FILE} or {MODEL_FILE}")
+    state = json.loads(state_path.read_text())
+    return state, str(model_path), scratch
 
 
 def _fault_callback(fault: dict[str, Any] | None, rank: int):

@@ -24,13 +24,7 @@ import sys
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import bloodcnn  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(REPO / "platform"))
+from _common import REPO  # also sets up paths and env
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -24,7 +24,6 @@ The load generator runs on the same machine, so it competes with the server for 
 from __future__ import annotations
 
 import argparse
-import glob
 import json
 import os
 import platform
@@ -32,33 +31,7 @@ import sys
 import time
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-os.environ.setdefault("PYTHONPATH", str(REPO))
-
-DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "all-leukemia"
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def multipart_bodies(images: list[bytes]) -> tuple[str, list[bytes]]:
-    """Pre-encoded multipart bodies (one 'file' part each), so the client spends no CPU on encoding."""
-    boundary = "bloodcnnbenchboundary7d1e"
-    bodies = []
-    for i, data in enumerate(images):
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"img{i}.jpg\"\r\n"
-                "Content-Type: image/jpeg\r\n\r\n").encode()
-        bodies.append(head + data + f"\r\n--{boundary}--\r\n".encode())
-    return f"multipart/form-data; boundary={boundary}", bodies
+from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, dataset_jpegs, multipart_bodies, percentile
 
 
 def load(url: str, ctype: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
@@ -207,22 +180,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=int, default=1, help="BloodClassifier replicas (min = max)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.02)
+    ap.add_argument("--stock-serve", action="store_true",
+                    help="leave out serving.app.SERVE_THROUGHPUT_ENV (Ray Serve's stock request path)")
     ap.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     args = ap.parse_args(argv)
-
-    import numpy as np
 
     from bloodcnn import storage
     from bloodcnn.inference import load_for_model
     from bloodcnn.s3server import S3Server
     from serving import devtools
 
-    files = sorted(glob.glob(str(Path(args.images) / "**" / "*.jp*g"), recursive=True))
-    if not files:
+    raw_images = dataset_jpegs(args.images)
+    if not raw_images:
         print(f"no JPEGs under {args.images}", file=sys.stderr)
         return 2
-    step = max(1, len(files) // 64)
-    raw_images = [Path(f).read_bytes() for f in files[::step][:64]]
     ctype, bodies = multipart_bodies(raw_images)
 
     results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "args": vars(args)}
@@ -249,6 +220,10 @@ def main(argv: list[str] | None = None) -> int:
         # Ray starts workers at nice 15; the ceiling above ran at nice 0 in this process, so
         # give the replicas the same priority for a fair comparison on a shared machine
         os.environ.setdefault("RAY_worker_niceness", "0")
+        if not args.stock_serve:
+            from serving.app import use_throughput_env
+
+            use_throughput_env()
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
         port = devtools.free_port()

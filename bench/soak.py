@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import glob
 import json
 import os
 import platform
@@ -37,38 +36,13 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-
-DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
-DEFAULT_IMAGES = REPO.parent / "shared" / "data" / "all-leukemia"
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    values = sorted(values)
-    k = (len(values) - 1) * q
-    lo, hi = int(k), min(int(k) + 1, len(values) - 1)
-    return values[lo] + (values[hi] - values[lo]) * (k - lo)
-
-
-def multipart_bodies(images: list[bytes], ctype: str) -> tuple[str, list[bytes]]:
-    boundary = "bloodcnnsoakboundary5c2f"
-    bodies = []
-    for i, data in enumerate(images):
-        head = (f"--{boundary}\r\nContent-Disposition: form-data; name=\"file\"; filename=\"img{i}\"\r\n"
-                f"Content-Type: {ctype}\r\n\r\n").encode()
-        bodies.append(head + data + f"\r\n--{boundary}--\r\n".encode())
-    return f"multipart/form-data; boundary={boundary}", bodies
+from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, dataset_jpegs, multipart_bodies, percentile
 
 
 def load_images(folder: str, n: int = 64) -> tuple[list[bytes], str, str]:
-    files = sorted(glob.glob(str(Path(folder) / "**" / "*.jp*g"), recursive=True))
-    if files:
-        step = max(1, len(files) // n)
-        return [Path(f).read_bytes() for f in files[::step][:n]], "image/jpeg", f"{min(n, len(files))} JPEGs from {folder}"
+    images = dataset_jpegs(folder, n)
+    if images:
+        return images, "image/jpeg", f"{len(images)} JPEGs from {folder}"
     from serving import devtools
 
     return [devtools.image_bytes("JPEG", 224, seed=i) for i in range(n)], "image/jpeg", f"{n} synthetic 224 px JPEGs"
@@ -78,20 +52,9 @@ def load_images(folder: str, n: int = 64) -> tuple[list[bytes], str, str]:
 
 
 def serve_processes(app: str) -> dict[str, int]:
-    import psutil  # vendored with Ray (ray/thirdparty_files)
+    from serving.devtools import serve_processes as replicas
 
-    titles = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{app}:APIIngress",
-              "classifier": f"ServeReplica:{app}:BloodClassifier"}
-    found = {"driver (load generator)": os.getpid()}
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        for name, title in titles.items():
-            if title in cmd:
-                found[name] = proc.pid
-    return found
+    return {"driver (load generator)": os.getpid(), **replicas(app)}
 
 
 class RssSampler(threading.Thread):

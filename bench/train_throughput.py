@@ -24,15 +24,8 @@ import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("RAY_TRAIN_V2_ENABLED", "1")
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-REPO = Path(__file__).resolve().parents[1]
-try:
-    import bloodcnn  # noqa: F401
-except ImportError:
-    sys.path.insert(0, str(REPO / "platform"))
+from _common import DEFAULT_WEIGHTS  # also sets up paths and env
 
-DEFAULT_WEIGHTS = REPO.parent / "shared" / "weights" / "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_224_no_top.h5"
 
 
 def synthetic_dataset(root: Path, per_class: int, size: int) -> str:

@@ -20,6 +20,28 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def serve_processes(app: str) -> dict[str, int]:
+    """pid of the HTTP proxy and of app ``app``'s ingress and classifier replicas, among this
+    process's descendants (the Ray it started); for memory and CPU checks."""
+    import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
+    import psutil
+
+    titles = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{app}:APIIngress",
+              "classifier": f"ServeReplica:{app}:BloodClassifier"}
+    found: dict[str, int] = {}
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            cmd = " ".join(proc.cmdline())
+        except psutil.Error:
+            continue
+        for name, title in titles.items():
+            if title in cmd:
+                if name in found:
+                    raise RuntimeError(f"two {name} processes for app {app!r}: {found[name]} and {proc.pid}")
+                found[name] = proc.pid
+    return found
+
+
 def make_model(image_size: int = 64, weights: str = "none", bias: list[float] | None = None,
                kernel_scale: float | None = None, seed: int = 0, num_classes: int = len(CLASS_NAMES)):
     """An untrained classifier. ``bias``/``kernel_scale`` set the softmax layer so tests can
@@ -127,10 +149,10 @@ class LocalStack:
         import ray
         from ray import serve
 
-        from serving.app import build_app
+        from serving.app import SERVE_THROUGHPUT_ENV, build_app
 
         repo = str(Path(__file__).resolve().parents[1])
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **self.env}
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **SERVE_THROUGHPUT_ENV, **self.env}
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if repo not in paths:
             env["PYTHONPATH"] = os.pathsep.join([repo, *paths])

@@ -69,21 +69,7 @@ def _seeded(fn):
 
 def _serve_processes() -> dict[str, int]:
     """pid of the HTTP proxy, the ingress and the classifier replica of this test's own Ray."""
-    import psutil  # vendored with Ray, on sys.path once ray is imported
-
-    titles = {"proxy": "ProxyActor", "ingress": "ServeReplica:fuzz:APIIngress",
-              "classifier": "ServeReplica:fuzz:BloodClassifier"}
-    found: dict[str, int] = {}
-    for proc in psutil.Process().children(recursive=True):
-        try:
-            cmd = " ".join(proc.cmdline())
-        except psutil.Error:
-            continue
-        for name, title in titles.items():
-            if title in cmd:
-                assert name not in found, f"two {name} processes"
-                found[name] = proc.pid
-    return found
+    return devtools.serve_processes("fuzz")
 
 
 def _rss_mb(pid: int) -> float:

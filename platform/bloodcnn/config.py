@@ -98,11 +98,11 @@ class TrainConfig(_Section):
     dropout: float = Field(0.2, ge=0, lt=1)
     label_smoothing: float = Field(0.0, ge=0, lt=1)
     batch_size: int = Field(32, ge=1, description="per-worker batch")
-    epochs: int = Field(4, ge=1)
+    epochs: int = Field(2, ge=1, description="phase 1: the new head on the frozen base")
     learning_rate: float = Field(1e-3, gt=0, description="for one worker; scaled by the number of workers")
-    fine_tune_epochs: int = Field(2, ge=0)
-    fine_tune_blocks: int = Field(3, ge=0, le=16, description="top inverted-residual blocks to unfreeze in phase 2")
-    fine_tune_learning_rate: float = Field(1e-5, gt=0)
+    fine_tune_epochs: int = Field(6, ge=0, description="phase 2: the top blocks too")
+    fine_tune_blocks: int = Field(8, ge=0, le=16, description="top inverted-residual blocks to unfreeze in phase 2")
+    fine_tune_learning_rate: float = Field(1e-4, gt=0, description="for one worker; scaled like learning_rate")
     augment_online: bool = True
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False

@@ -86,8 +86,9 @@ def unfreeze_top_blocks(model: keras.Model, blocks: int) -> int:
     return count
 
 
-def load_model(path: str | Path) -> keras.Model:
-    """Load a registered ``.keras`` model in safe mode (no pickle, no arbitrary code).
+def load_model(path: str | Path, compile: bool = False) -> keras.Model:
+    """Load a ``.keras`` model (registered, or a training checkpoint with ``compile=True`` to
+    keep its optimizer state) in safe mode: no pickle, no arbitrary code.
 
     Only the zip-based ``.keras`` format honours ``safe_mode``: tf_keras hands anything else
     (an HDF5 file, even one named ``model.keras``) to its legacy loader, which rebuilds Lambda
@@ -101,4 +102,4 @@ def load_model(path: str | Path) -> keras.Model:
             f"refusing to load {path.name}: not a zip-based .keras model file (legacy HDF5/SavedModel "
             "files can run code when loaded)"
         )
-    return keras.models.load_model(str(path), compile=False, safe_mode=True)
+    return keras.models.load_model(str(path), compile=compile, safe_mode=True)

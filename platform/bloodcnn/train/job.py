@@ -27,7 +27,6 @@ import json
 import logging
 import math
 import re
-import shutil
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -375,11 +374,9 @@ def _load_final_checkpoint(result, scratch: Path) -> tuple[Path, dict[str, Any],
 
 def export_inference_model(checkpoint_model: Path, plan: TrainPlan, cfg: AppConfig, out: Path):
     """A clean float32 copy without optimizer state: what the registry stores and serving loads."""
-    import tf_keras as keras
+    from bloodcnn.model import build_model, load_model
 
-    from bloodcnn.model import build_model
-
-    trained = keras.models.load_model(str(checkpoint_model), compile=False)
+    trained = load_model(checkpoint_model)
     fresh = build_model(len(plan.class_names), cfg.train.image_size, "none", cfg.train.dropout)
     # same flags on both -> same weight order (Keras lists trainable weights first)
     trained.trainable = False

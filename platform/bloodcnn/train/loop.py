@@ -135,7 +135,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     import tf_keras as keras
 
     from bloodcnn.data.reader import load_manifest, make_dataset
-    from bloodcnn.model import build_model, unfreeze_top_blocks
+    from bloodcnn.model import build_model, load_model, unfreeze_top_blocks
 
     tf.get_logger().setLevel("WARNING")
     ctx = ray.train.get_context()
@@ -188,7 +188,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     with strategy.scope():
         if restored is not None:
             state, local_model, scratch = restored
-            model = keras.models.load_model(local_model, compile=True)
+            model = load_model(local_model, compile=True)
             shutil.rmtree(scratch, ignore_errors=True)
             history = state["history"]
             done = int(state["epochs_done"])

@@ -52,13 +52,5 @@ ENV PYTHONPATH=/home/ray/app \
     MPLCONFIGDIR=/tmp/matplotlib \
     XDG_CACHE_HOME=/tmp/.cache
 
-# Ray Serve's request-path throughput settings (serving/app.py SERVE_THROUGHPUT_ENV; a test keeps
-# the two lists equal). Ray reads them when its processes start, so they belong in the image.
-ENV RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD=0 \
-    RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP=0 \
-    RAY_SERVE_USE_GRPC_BY_DEFAULT=1 \
-    RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE=1000 \
-    RAY_SERVE_FREEZE_GC_ON_STARTUP=1
-
 # Ray GCS, dashboard, client, Serve HTTP, metrics.
 EXPOSE 6379 8265 10001 8000 8080

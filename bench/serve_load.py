@@ -180,8 +180,6 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--replicas", type=int, default=1, help="BloodClassifier replicas (min = max)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.02)
-    ap.add_argument("--stock-serve", action="store_true",
-                    help="leave out serving.app.SERVE_THROUGHPUT_ENV (Ray Serve's stock request path)")
     ap.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     args = ap.parse_args(argv)
 
@@ -220,10 +218,6 @@ def main(argv: list[str] | None = None) -> int:
         # Ray starts workers at nice 15; the ceiling above ran at nice 0 in this process, so
         # give the replicas the same priority for a fair comparison on a shared machine
         os.environ.setdefault("RAY_worker_niceness", "0")
-        if not args.stock_serve:
-            from serving.app import use_throughput_env
-
-            use_throughput_env()
         ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
                  runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
         port = devtools.free_port()

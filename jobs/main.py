@@ -79,10 +79,7 @@ def main() -> int:
 
         import ray
 
-        from serving.app import use_throughput_env
-
         print("==> starting a local Ray")
-        use_throughput_env()
         ray.init(include_dashboard=False, log_to_driver=True)
         ray_started = True
 

@@ -30,25 +30,6 @@ log = logging.getLogger("ray.serve")
 
 APP_NAME = "bloodcnn"
 
-#: Ray Serve's request-path settings for throughput: its ``RAY_SERVE_THROUGHPUT_OPTIMIZED`` set
-#: without direct ingress (which binds fixed ports). Measured +17% req/s at concurrency 32 on
-#: 2 cores (docs/benchmarks.md). Ray's processes read them when they start, so they go into the
-#: environment before Ray starts (``use_throughput_env``) and into the container image.
-SERVE_THROUGHPUT_ENV = {
-    "RAY_SERVE_RUN_USER_CODE_IN_SEPARATE_THREAD": "0",
-    "RAY_SERVE_RUN_ROUTER_IN_SEPARATE_LOOP": "0",
-    "RAY_SERVE_USE_GRPC_BY_DEFAULT": "1",
-    "RAY_SERVE_REQUEST_PATH_LOG_BUFFER_SIZE": "1000",
-    "RAY_SERVE_FREEZE_GC_ON_STARTUP": "1",
-}
-
-
-def use_throughput_env() -> None:
-    """Put ``SERVE_THROUGHPUT_ENV`` (values already set win) into this process's environment,
-    which a Ray started from here passes on to its workers."""
-    for key, value in SERVE_THROUGHPUT_ENV.items():
-        os.environ.setdefault(key, value)
-
 
 class _HandleBackend:
     """The API's backend: calls on the ``BloodClassifier`` deployment handle."""
@@ -183,7 +164,6 @@ def run(
 
     cfg = cfg or load_config()
     if not ray.is_initialized():
-        use_throughput_env()
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     url = base_url(cfg, route_prefix)

@@ -149,10 +149,10 @@ class LocalStack:
         import ray
         from ray import serve
 
-        from serving.app import SERVE_THROUGHPUT_ENV, build_app
+        from serving.app import build_app
 
         repo = str(Path(__file__).resolve().parents[1])
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **SERVE_THROUGHPUT_ENV, **self.env}
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **self.env}
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if repo not in paths:
             env["PYTHONPATH"] = os.pathsep.join([repo, *paths])

@@ -137,6 +137,19 @@ def test_preprocess_is_the_training_resize():
     np.testing.assert_array_equal(preprocess(rgb, 64), x)
 
 
+def test_jpeg_decodes_the_same_in_training_and_serving():
+    """Training reads JPEGs with tf.io.decode_jpeg, serving with PIL: TF's default (fast integer)
+    IDCT differs from PIL's by up to ~20 grey levels, which flipped a borderline test image."""
+    import tensorflow as tf
+
+    from bloodcnn.preprocess import decode_jpeg
+
+    for seed, size in [(1, 224), (2, 97)]:
+        data = devtools.encode(devtools.smear_like(size, seed=seed), "JPEG")
+        served, _ = load_for_model(data, 64)
+        np.testing.assert_array_equal(decode_jpeg(tf.constant(data), 64).numpy(), served)
+
+
 @pytest.mark.parametrize("size", [32, 97, 224])
 def test_same_size_shortcut_equals_the_training_resize(size):
     """preprocess() skips tf.image.resize when the image already has the model's size; that

@@ -80,7 +80,9 @@ def main() -> int:
         import ray
 
         print("==> starting a local Ray")
-        ray.init(include_dashboard=False, log_to_driver=True)
+        # address="local": a fresh private Ray that inherits this S3 server's credentials, never a
+        # cluster that happens to run on this machine (ray.init() would attach to it)
+        ray.init(address="local", include_dashboard=False, log_to_driver=True)
         ray_started = True
 
         from bloodcnn.data.prepare import prepare_dataset, summary_table

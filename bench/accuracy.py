@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=False)
+    # with the dashboard: Ray Train's placement-group cleaner polls its state API (else a warning a second)
+    ray.init(address=os.environ.get("RAY_ADDRESS") or "local", include_dashboard=True)
     results = []
     try:
         for seed in seeds:

@@ -133,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    ray.init(address="local", num_cpus=args.cpus, num_gpus=None if args.use_gpu else 0, include_dashboard=False,
+    # with the dashboard: Ray Train's placement-group cleaner polls its state API (else a warning a second)
+    ray.init(address="local", num_cpus=args.cpus, num_gpus=None if args.use_gpu else 0, include_dashboard=True,
              log_to_driver=False)
     try:
         for n in [int(x) for x in args.workers.split(",") if x.strip()]:

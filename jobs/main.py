@@ -81,9 +81,12 @@ def main() -> int:
 
         print("==> starting a local Ray")
         # address="local": a fresh private Ray that inherits this S3 server's credentials, never a
-        # cluster that happens to run on this machine (ray.init() would attach to it)
-        ray.init(address="local", include_dashboard=False, log_to_driver=True)
+        # cluster that happens to run on this machine (ray.init() would attach to it). The dashboard
+        # shows the training run, and Ray Train's placement-group cleaner needs its state API.
+        ctx = ray.init(address="local", include_dashboard=True, log_to_driver=True)
         ray_started = True
+        if ctx.dashboard_url:
+            print(f"    Ray dashboard: http://{ctx.dashboard_url} (token in ~/.ray/auth_token)")
 
         from bloodcnn.data.prepare import prepare_dataset, summary_table
 

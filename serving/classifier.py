@@ -368,8 +368,12 @@ class BloodClassifier:
         reason = self._last_error or "the model is still loading"
         return {"error": {"code": "not_ready", "message": f"no model loaded yet: {reason}", "status": 503}}
 
-    async def _decode(self, data: bytes, cur: LoadedModel) -> np.ndarray | dict:
-        """Decode in the thread pool for ``cur``'s input size; a bad image gives an error dict."""
+    async def _model_and_input(self, data: bytes) -> tuple[LoadedModel, np.ndarray] | dict:
+        """The current model and the image decoded (in the thread pool) for its input size,
+        or an error dict when no model is loaded or the image is bad."""
+        cur = await self._model_or_none()
+        if cur is None:
+            return self._not_ready()
         loop = asyncio.get_running_loop()
         try:
             x, _ = await loop.run_in_executor(
@@ -377,17 +381,14 @@ class BloodClassifier:
             )
         except ImageError as exc:
             return {"error": exc.to_dict()}
-        return x
+        return cur, x
 
     async def predict(self, data: bytes) -> dict:
         """One uploaded image -> result dict, or ``{"error": {...}}`` for a bad image / no model."""
-        cur = await self._model_or_none()
-        if cur is None:
-            return self._not_ready()
-        x = await self._decode(data, cur)
-        if isinstance(x, dict):
-            return x
-        return await self.infer_batch(_Item(x=x, data=data, max_pixels=self._settings.max_pixels))
+        got = await self._model_and_input(data)
+        if isinstance(got, dict):
+            return got
+        return await self.infer_batch(_Item(x=got[1], data=data, max_pixels=self._settings.max_pixels))
 
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def infer_batch(self, items: list[_Item]) -> list[dict]:
@@ -421,12 +422,10 @@ class BloodClassifier:
 
     async def explain(self, data: bytes) -> dict:
         """Grad-CAM overlay PNG plus the prediction for one image."""
-        cur = await self._model_or_none()
-        if cur is None:
-            return self._not_ready()
-        x = await self._decode(data, cur)
-        if isinstance(x, dict):
-            return x
+        got = await self._model_and_input(data)
+        if isinstance(got, dict):
+            return got
+        cur, x = got
 
         def run():
             gc = cur.gradcam()

@@ -100,6 +100,40 @@ def test_reader_gives_disjoint_worker_shards_and_all_records(synthetic_dataset, 
     assert next(iter(augmented))[0].shape == (8, 32, 32, 3)
 
 
+def test_balanced_class_weights_reach_the_train_batches(synthetic_dataset, tmp_path):
+    """Every class weighs the same in the loss: weight x count is equal per class, mean weight 1."""
+    m = load(synthetic_dataset)
+    weights = m.balanced_class_weights()
+    counts = [m.splits["train"].counts[name] for name in m.class_names]
+    assert [w * n for w, n in zip(weights, counts)] == pytest.approx([sum(counts) / len(counts)] * len(counts))
+    assert sum(w * n for w, n in zip(weights, counts)) / sum(counts) == pytest.approx(1.0)
+    ds = reader.make_dataset(synthetic_dataset, "train", batch_size=8, image_size=32, cache_dir=tmp_path,
+                             class_weights=weights)
+    for images, labels, w in ds:
+        assert w.numpy() == pytest.approx(np.asarray(weights)[labels.numpy().argmax(1)])
+    with pytest.raises(ValueError, match="3 class weights for 4 classes"):
+        reader.make_dataset(synthetic_dataset, "train", batch_size=8, image_size=32, cache_dir=tmp_path,
+                            class_weights=[1.0, 1.0, 1.0])
+    empty = m.model_copy(deep=True)
+    empty.splits["train"].counts["Pro-B" if "Pro-B" in m.class_names else m.class_names[-1]] = 0
+    with pytest.raises(DatasetError, match="has no images of"):
+        empty.balanced_class_weights()
+
+
+def test_online_augmentation_uses_all_rotations_and_flips():
+    """A smear has no up: the 8 rotations/flips of an asymmetric image all turn up."""
+    import tensorflow as tf
+
+    image = tf.reshape(tf.range(4 * 4 * 3, dtype=tf.float32), (4, 4, 3))
+    tf.random.set_seed(0)
+    seen = set()
+    for _ in range(200):
+        out = reader.rotate_and_flip(image).numpy()
+        assert sorted(out.ravel()) == sorted(image.numpy().ravel())
+        seen.add(out.tobytes())
+    assert len(seen) == 8
+
+
 def test_corrupted_shard_is_detected(synthetic_dataset, s3_prefix, tmp_path):
     m = load(synthetic_dataset)
     store = storage.store_for(s3_prefix)

@@ -361,6 +361,17 @@ def cases(draw) -> Case:
 # ------------------------------------------------------------------------------ sending
 
 
+def _first_line(s: socket.socket) -> bytes:
+    """Read until the status line is in (or the server closes)."""
+    data = b""
+    while b"\r\n" not in data:
+        chunk = s.recv(4096)
+        if not chunk:
+            break
+        data += chunk
+    return data
+
+
 def _send_raw(port: int, raw: bytes) -> int:
     """Send raw bytes; the status of the answer, or 0 when the server closes without one."""
     with socket.create_connection(("127.0.0.1", port), timeout=30) as s:
@@ -368,20 +379,12 @@ def _send_raw(port: int, raw: bytes) -> int:
         data = b""
         s.settimeout(2)
         try:
-            while b"\r\n" not in data:
-                chunk = s.recv(4096)
-                if not chunk:
-                    break
-                data += chunk
+            data = _first_line(s)
         except socket.timeout:  # the server waits for body bytes that never come: end the request
             s.shutdown(socket.SHUT_WR)
             s.settimeout(30)
             try:
-                while b"\r\n" not in data:
-                    chunk = s.recv(4096)
-                    if not chunk:
-                        break
-                    data += chunk
+                data = _first_line(s)
             except OSError:
                 pass
         except OSError:

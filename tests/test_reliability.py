@@ -42,6 +42,8 @@ from bloodcnn.config import StorageConfig, load_config
 from bloodcnn.registry import Registry, RegistryError
 from serving import devtools
 
+from load_support import PredictLoad, wait_for
+
 pytestmark = pytest.mark.slow
 
 
@@ -448,62 +450,6 @@ class TestTrainingFaults:
 # ------------------------------------------------------------------------------ serving faults
 
 
-class Load:
-    """Steady load: ``workers`` threads each sending one single-image prediction after another."""
-
-    def __init__(self, url: str, workers: int, images: list[bytes]):
-        self.url = url
-        self.images = images
-        self.stop_event = threading.Event()
-        self.lock = threading.Lock()
-        self.outcomes: list[tuple[float, int, str | None, str | None]] = []  # (t, status, version, class)
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            n = i
-            while not self.stop_event.is_set():
-                n += 1
-                try:
-                    r = client.post(f"{self.url}/v1/predict",
-                                    files=[("file", ("x.png", self.images[n % len(self.images)], "image/png"))])
-                    if r.status_code == 200:
-                        res = r.json()["results"][0]
-                        outcome = (time.monotonic(), 200, res["model_version"], res["class"])
-                    else:
-                        outcome = (time.monotonic(), r.status_code, None, r.text[:200])
-                except httpx.HTTPError as exc:
-                    outcome = (time.monotonic(), -1, None, repr(exc)[:200])
-                with self.lock:
-                    self.outcomes.append(outcome)
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(60)
-
-    def snapshot(self) -> list:
-        with self.lock:
-            return list(self.outcomes)
-
-    def failures(self) -> list:
-        return [o for o in self.snapshot() if o[1] != 200]
-
-
-def _wait_for(cond, timeout: float, what: str, interval: float = 0.25):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
 class TestServingFaults:
     """Ray + Serve: one app, BloodClassifier with 2 fixed replicas of a 64 px model."""
 
@@ -525,7 +471,7 @@ class TestServingFaults:
             from serving.app import wait_ready
 
             wait_ready(local.url("main"), 180)
-            _wait_for(lambda: local.replicas("main") == 2, 120, "2 classifier replicas")
+            wait_for(lambda: local.replicas("main") == 2, 120, "2 classifier replicas")
             local.registry = registry
             local.images = [devtools.image_bytes("PNG", size=80, seed=300 + i) for i in range(8)]
             yield local
@@ -553,32 +499,32 @@ class TestServingFaults:
         before = self._replica_pids()
         assert len(before) == 2, before
         victim = sorted(before)[0]  # a replica of this test's own Ray (a child process), nothing else
-        with Load(stack.url("main"), 6, stack.images) as load:
-            _wait_for(lambda: len(load.snapshot()) >= 100, 120, "steady load")
+        with PredictLoad(stack.url("main"), 6, stack.images) as load:
+            wait_for(lambda: len(load.snapshot()) >= 100, 120, "steady load")
             t_kill = time.monotonic()
             os.kill(victim, signal.SIGKILL)
-            _wait_for(lambda: victim not in self._replica_pids(), 30, "the replica to die")
-            _wait_for(lambda: len(self._replica_pids() - before) == 1 and stack.replicas("main") == 2,
+            wait_for(lambda: victim not in self._replica_pids(), 30, "the replica to die")
+            wait_for(lambda: len(self._replica_pids() - before) == 1 and stack.replicas("main") == 2,
                       180, "a replacement replica, running")
             t_replaced = time.monotonic()
             n_replaced = len(load.snapshot())
-            _wait_for(lambda: len(load.snapshot()) >= n_replaced + 30, 120, "load on the new replica set")
+            wait_for(lambda: len(load.snapshot()) >= n_replaced + 30, 120, "load on the new replica set")
         outcomes = load.snapshot()
-        failed = [o for o in outcomes if o[1] != 200]
+        failed = [o for o in outcomes if o.status != 200]
         ok = len(outcomes) - len(failed)
-        after_kill = [o for o in outcomes if o[0] >= t_kill]
+        after_kill = [o for o in outcomes if o.t >= t_kill]
         figures = {"requests": len(outcomes), "failed": len(failed), "success_rate": round(ok / len(outcomes), 5),
-                   "failed_statuses": dict(Counter(o[1] for o in failed)),
+                   "failed_statuses": dict(Counter(o.status for o in failed)),
                    "requests_after_kill": len(after_kill),
                    "replacement_s": round(t_replaced - t_kill, 1)}
         print("replica-kill figures:", json.dumps(figures))
         assert len(outcomes) >= 300, figures
         assert ok / len(outcomes) >= 0.99, (figures, failed[:5])
         # the surviving replica kept answering while the replacement started
-        assert sum(1 for o in outcomes if t_kill < o[0] < t_replaced and o[1] == 200) > 0
+        assert sum(1 for o in outcomes if t_kill < o.t < t_replaced and o.status == 200) > 0
         after = self._replica_pids()
         assert len(after) == 2 and victim not in after and len(after - before) == 1, (before, after)
-        assert all(o[2] == "v1" for o in outcomes if o[1] == 200)
+        assert all(o.version == "v1" for o in outcomes if o.status == 200)
         # Serve reports it RUNNING only after __init__ and reconfigure, i.e. with the model loaded
         assert stack.replicas("main") == 2
 
@@ -609,43 +555,43 @@ class TestServingFaults:
         def statuses() -> list[dict]:
             return [handle.status.remote().result(timeout_s=30) for _ in range(8)]
 
-        with Load(stack.url("main"), 6, stack.images) as load:
-            _wait_for(lambda: len(load.snapshot()) >= 50, 120, "steady load")
+        with PredictLoad(stack.url("main"), 6, stack.images) as load:
+            wait_for(lambda: len(load.snapshot()) >= 50, 120, "steady load")
             registry.promote("v2")
             t_promote = time.monotonic()
 
             def all_v2(since: float) -> bool:
-                recent = [o for o in load.snapshot() if o[0] > since][-24:]
-                return len(recent) == 24 and all(o[2] == "v2" for o in recent)
+                recent = [o for o in load.snapshot() if o.t > since][-24:]
+                return len(recent) == 24 and all(o.version == "v2" for o in recent)
 
-            _wait_for(lambda: all_v2(t_promote), 120, "every answer from v2")
-            _wait_for(lambda: {s["model_version"] for s in statuses()} == {"v2"}, 60, "both replicas on v2")
+            wait_for(lambda: all_v2(t_promote), 120, "every answer from v2")
+            wait_for(lambda: {s["model_version"] for s in statuses()} == {"v2"}, 60, "both replicas on v2")
             for bad, reason in (("v3-swapped", "is corrupt: sha256"), ("v4-code", "Lambda")):
                 registry.promote(bad)
                 t_bad = time.monotonic()
 
                 def outcome(bad=bad, reason=reason, t_bad=t_bad) -> str | None:
-                    if any(o[2] == bad for o in load.snapshot() if o[0] > t_bad):
+                    if any(o.version == bad for o in load.snapshot() if o.t > t_bad):
                         return "served"
                     if any(reason in (s["last_error"] or "") for s in statuses()):
                         return "refused"
                     return None
 
-                _wait_for(lambda: outcome() is not None, 60, f"{bad} to be refused")
+                wait_for(lambda: outcome() is not None, 60, f"{bad} to be refused")
                 assert outcome() == "refused", f"{bad} was loaded and served"
                 time.sleep(1)
-                n_after = [o for o in load.snapshot() if o[0] > t_bad]
-                assert n_after and all(o[2] == "v2" and o[3] == "Pro-B" for o in n_after if o[1] == 200), bad
+                n_after = [o for o in load.snapshot() if o.t > t_bad]
+                assert n_after and all(o.version == "v2" and o.detail == "Pro-B" for o in n_after if o.status == 200), bad
             registry.promote("v2")
             time.sleep(1)
         outcomes = load.snapshot()
-        failed = [o for o in outcomes if o[1] != 200]
+        failed = [o for o in outcomes if o.status != 200]
         print("promotion figures:", json.dumps({"requests": len(outcomes), "failed": len(failed),
-                                                 "versions": dict(Counter(o[2] for o in outcomes))}))
+                                                 "versions": dict(Counter(o.version for o in outcomes))}))
         assert failed == [], failed[:5]
-        versions = [o[2] for o in outcomes]
+        versions = [o.version for o in outcomes]
         assert versions[0] == "v1" and versions[-1] == "v2" and set(versions) == {"v1", "v2"}
-        assert {o[3] for o in outcomes if o[2] == "v2"} == {"Pro-B"}
+        assert {o.detail for o in outcomes if o.version == "v2"} == {"Pro-B"}
         info = httpx.get(f"{stack.url('main')}/v1/models/current", timeout=30).json()
         assert info["version"] == "v2" and info["image_size"] == 96
         assert httpx.get(f"{stack.url('main')}/readyz", timeout=30).status_code == 200

@@ -20,11 +20,8 @@ import pickle
 import re
 import secrets
 import shutil
-import signal
-import socket
 import subprocess
 import sys
-import time
 import zipfile
 from pathlib import Path
 
@@ -34,14 +31,9 @@ import pytest
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helm_support as hs  # noqa: E402
+import ray_support  # noqa: E402
 
 CI_VALUES = sorted((REPO / "helm" / "ci").glob("*.yaml"))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ------------------------------------------------------------------------------ credentials
@@ -262,75 +254,14 @@ def _listening(port: int) -> set[str]:
 LOOPBACK = {"0100007F", "00000000000000000000000001000000", "0000000000000000FFFF00000100007F"}
 
 
-def _processes_with(needle: str) -> list[int]:
-    pids = []
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                if needle.encode() in (entry / "cmdline").read_bytes():
-                    pids.append(int(entry.name))
-            except OSError:
-                pass
-    return pids
-
-
 @pytest.fixture(scope="module")
-def ray_head(tmp_path_factory):
-    """``ray start --head --block`` with token auth on free ports and its own temp dir; stopped by
-    killing the process group it started (never ``ray stop``, which would stop every Ray here)."""
+def ray_head():
+    """A head with token auth and Ray's default --dashboard-host (which the test checks)."""
     token = secrets.token_hex(16)
-    temp_dir = f"/tmp/rs-{secrets.token_hex(4)}"  # short: Ray's unix socket paths must fit 107 bytes
-    ports = {name: _free_port() for name in (
-        "port", "dashboard-port", "ray-client-server-port", "dashboard-agent-listen-port",
-        "dashboard-agent-grpc-port", "runtime-env-agent-port", "metrics-export-port", "node-manager-port",
-        "object-manager-port")}
-    worker = _free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=token, RAY_USAGE_STATS_ENABLED="0")
-    ray_exe = Path(sys.executable).parent / "ray"
-    cmd = [str(ray_exe), "start", "--head", "--block", "--num-cpus=1", f"--temp-dir={temp_dir}",
-           "--include-dashboard=true", "--disable-usage-stats",
-           f"--min-worker-port={worker}", f"--max-worker-port={worker + 30}",
-           *[f"--{k}={v}" for k, v in ports.items()]]  # no --dashboard-host: Ray's default is tested
-    tmp_path = tmp_path_factory.mktemp("ray-head")
-    log = open(tmp_path / "ray-start.log", "wb")
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    log.close()
-    url = f"http://127.0.0.1:{ports['dashboard-port']}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited {proc.returncode}: {(tmp_path / 'ray-start.log').read_text()[-3000:]}")
-            try:
-                if httpx.get(f"{url}/api/gcs_healthz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.monotonic() > deadline:
-                pytest.fail("the Ray dashboard did not come up in 120 s")
-            time.sleep(0.5)
-        yield {"url": url, "token": token, "ports": ports, "temp_dir": temp_dir}
-    finally:
-        try:
-            os.killpg(proc.pid, signal.SIGTERM)
-            proc.wait(2)
-        except (ProcessLookupError, subprocess.TimeoutExpired):
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except ProcessLookupError:
-                pass
-            proc.wait(10)
-        # anything of this cluster that left the process group (found by its unique temp dir)
-        deadline = time.monotonic() + 10
-        while (left := _processes_with(temp_dir)) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-            time.sleep(0.5)
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_support.ray_head(env, 1) as head:
+        yield dict(head, token=token)
 
 
 def test_ray_dashboard_and_jobs_api_need_the_token_and_listen_on_localhost(ray_head):

@@ -28,6 +28,8 @@ from bloodcnn.config import load_config
 from bloodcnn.registry import Registry
 from serving import devtools
 
+from load_support import PredictLoad, wait_for
+
 pytestmark = pytest.mark.slow
 
 API_KEY = "test-" + os.urandom(12).hex()
@@ -423,67 +425,18 @@ def test_api_key_auth(stack):
 
 # ------------------------------------------------------------------------------ autoscaling, hot swap
 
-
-class Load:
-    """Background clients sending single-image predictions; records every outcome."""
-
-    def __init__(self, url: str, workers: int):
-        self.url = url
-        self.workers = workers
-        self.stop_event = threading.Event()
-        self.outcomes: list[tuple[float, int, str | None]] = []
-        self.lock = threading.Lock()
-        self.images = [png(seed=200 + i) for i in range(8)]
-        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(workers)]
-
-    def _run(self, i: int) -> None:
-        with httpx.Client(timeout=60) as client:
-            n = 0
-            while not self.stop_event.is_set():
-                n += 1
-                try:
-                    r = client.post(f"{self.url}/v1/predict",
-                                    files=[("file", ("x.png", self.images[(i + n) % 8], "image/png"))])
-                    version = r.json()["results"][0]["model_version"] if r.status_code == 200 else r.text[:200]
-                    outcome = (time.monotonic(), r.status_code, version)
-                except httpx.HTTPError as exc:
-                    outcome = (time.monotonic(), -1, repr(exc))
-                with self.lock:
-                    self.outcomes.append(outcome)
-
-    def __enter__(self) -> "Load":
-        for t in self.threads:
-            t.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self.stop_event.set()
-        for t in self.threads:
-            t.join(60)
-
-    def failures(self) -> list:
-        with self.lock:
-            return [o for o in self.outcomes if o[1] != 200]
-
-
-def _wait_for(cond, timeout: float, what: str, interval: float = 0.5):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if cond():
-            return
-        time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+LOAD_IMAGES = [png(seed=200 + i) for i in range(8)]
 
 
 def test_autoscaling_adds_a_replica_under_load_and_scales_back(stack):
     local = stack.local
-    _wait_for(lambda: local.replicas("main") == 1, 90, "1 replica before the load")
-    with Load(stack.main, workers=8) as load:
-        _wait_for(lambda: local.replicas("main") == 2, 120, "a second replica under sustained load")
+    wait_for(lambda: local.replicas("main") == 1, 90, "1 replica before the load")
+    with PredictLoad(stack.main, 8, LOAD_IMAGES) as load:
+        wait_for(lambda: local.replicas("main") == 2, 120, "a second replica under sustained load")
         time.sleep(2)  # requests keep flowing while the new replica joins
     assert load.failures() == []
-    assert len(load.outcomes) > 20
-    _wait_for(lambda: local.replicas("main") == 1, 120, "scale back down to 1 replica")
+    assert len(load.snapshot()) > 20
+    wait_for(lambda: local.replicas("main") == 1, 120, "scale back down to 1 replica")
     r = post_files(f"{stack.main}/v1/predict", [("a.png", png(), "image/png")])
     assert r.status_code == 200
 
@@ -495,23 +448,22 @@ def test_hot_swap_to_newly_promoted_version_under_load(stack):
                             metrics={"accuracy": 0.95, "macro_f1": 0.94})
     registry = Registry(stack.main_registry, "bloodcnn")
     assert registry.production() == "v1"
-    with Load(stack.main, workers=6) as load:
+    with PredictLoad(stack.main, 6, LOAD_IMAGES) as load:
         time.sleep(2)
         registry.promote("v2")
         t_promote = time.monotonic()
 
         def switched():
-            with load.lock:
-                recent = [o for o in load.outcomes if o[0] > t_promote][-12:]
-            return len(recent) == 12 and all(o[2] == "v2" for o in recent)
+            recent = [o for o in load.snapshot() if o.t > t_promote][-12:]
+            return len(recent) == 12 and all(o.version == "v2" for o in recent)
 
-        _wait_for(switched, 60, "all recent answers from v2")
+        wait_for(switched, 60, "all recent answers from v2")
         time.sleep(1)
     assert load.failures() == [], load.failures()[:5]
-    versions = [o[2] for o in load.outcomes]
+    versions = [o.version for o in load.snapshot()]
     assert versions[0] == "v1" and versions[-1] == "v2"
-    assert {o[2] for o in load.outcomes} == {"v1", "v2"}
-    assert all(o[2] == "v2" for o in load.outcomes if o[0] > t_promote + 30)
+    assert set(versions) == {"v1", "v2"}
+    assert all(o.version == "v2" for o in load.snapshot() if o.t > t_promote + 30)
     info = httpx.get(f"{stack.main}/v1/models/current", timeout=30).json()
     assert info["version"] == "v2" and info["metrics"]["accuracy"] == 0.95
     r = post_files(f"{stack.main}/v1/predict", [("a.png", png(), "image/png")]).json()["results"][0]

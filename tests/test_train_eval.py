@@ -115,3 +115,18 @@ def test_plan_splits_shards_and_steps(synthetic_dataset, weights_file):
         plan_training(cfg(num_workers=10_000), check_weights_file=False)
     with pytest.raises(TrainingError, match="invalid run name"):
         plan_training(cfg(), run_name="../escape", check_weights_file=False)
+
+
+def test_learning_rate_schedule_warms_up_then_decays_to_zero():
+    from bloodcnn.train.loop import _learning_rate
+
+    rate = _learning_rate(1e-4, "cosine", steps=1000, warmup_steps=100)
+    lr = [float(rate(step)) for step in (0, 50, 100, 550, 1000)]
+    assert lr[0] == pytest.approx(1e-6) and lr[1] == pytest.approx(5.05e-5)
+    assert lr[2] == pytest.approx(1e-4) and lr[3] == pytest.approx(5e-5, rel=1e-3) and lr[4] == 0.0
+    head = _learning_rate(1e-3, "cosine", steps=100, warmup_steps=0)
+    assert float(head(0)) == pytest.approx(1e-3) and float(head(100)) == 0.0
+    assert _learning_rate(1e-3, "constant", steps=100, warmup_steps=10) == 1e-3
+    # a phase shorter than its warm-up still ends decayed, not at the peak
+    short = _learning_rate(1e-3, "cosine", steps=4, warmup_steps=10)
+    assert float(short(4)) == 0.0

@@ -8,30 +8,20 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
-import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
+import ray_support
+
 pytestmark = pytest.mark.slow
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _client_env() -> dict[str, str]:
@@ -50,49 +40,8 @@ def ray_head(s3_server):
 
     if ray.is_initialized():
         ray.shutdown()
-    port, dash, agent, agent_grpc, runtime_env, metrics, client = (_free_port() for _ in range(7))
-    temp_dir = tempfile.mkdtemp(prefix="rt", dir="/tmp")
-    log_path = Path(temp_dir) / "ray-start.log"
-    cmd = [str(BIN / "ray"), "start", "--head", f"--port={port}", f"--dashboard-port={dash}", "--num-cpus=2",
-           "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--temp-dir={temp_dir}", "--block",
-           # not the default ports: another Ray on this machine may hold them (the job agent then never starts)
-           f"--dashboard-agent-listen-port={agent}", f"--dashboard-agent-grpc-port={agent_grpc}",
-           f"--runtime-env-agent-port={runtime_env}", f"--metrics-export-port={metrics}",
-           f"--ray-client-server-port={client}"]
-    env = dict(_client_env(), RAY_GRACEFUL_SHUTDOWN_DRAIN_TIMEOUT_S="5")
-    with open(log_path, "wb") as log:
-        proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    address = f"http://127.0.0.1:{dash}"
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            if proc.poll() is not None:
-                pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                with urllib.request.urlopen(f"{address}/api/version", timeout=2):
-                    break
-            except urllib.error.HTTPError:  # answering (401 without the token): up
-                break
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"Ray dashboard did not come up on {address}:\n{log_path.read_text()[-3000:]}")
-                time.sleep(1)
-        yield address
-    finally:
-        # stop only this head: SIGTERM to `ray start --block` tears its node down; then its group
-        t0 = time.monotonic()
-        proc.terminate()
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            pass
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)  # leftovers of this head only
-        except ProcessLookupError:
-            pass
-        proc.wait(10)
-        print(f"ray head stopped in {time.monotonic() - t0:.1f}s")
-        shutil.rmtree(temp_dir, ignore_errors=True)
+    with ray_support.ray_head(_client_env(), 2, "--dashboard-host=127.0.0.1") as head:
+        yield head["url"]
 
 
 def test_ray_job_submit_trains_and_registers(ray_head, synthetic_dataset, s3_prefix, weights_file, tmp_path):

@@ -100,10 +100,17 @@ class TrainConfig(_Section):
     batch_size: int = Field(32, ge=1, description="per-worker batch")
     epochs: int = Field(2, ge=1, description="phase 1: the new head on the frozen base")
     learning_rate: float = Field(1e-3, gt=0, description="for one worker; scaled by the number of workers")
-    fine_tune_epochs: int = Field(6, ge=0, description="phase 2: the top blocks too")
+    fine_tune_epochs: int = Field(8, ge=0, description="phase 2: the top blocks too")
     fine_tune_blocks: int = Field(8, ge=0, le=16, description="top inverted-residual blocks to unfreeze in phase 2")
     fine_tune_learning_rate: float = Field(1e-4, gt=0, description="for one worker; scaled like learning_rate")
-    augment_online: bool = True
+    lr_schedule: Literal["cosine", "constant"] = Field(
+        "cosine", description="per phase: cosine decay to 0 (after a warm-up in phase 2), or the rate held constant"
+    )
+    warmup_epochs: float = Field(0.5, ge=0, description="phase 2: linear warm-up to fine_tune_learning_rate (cosine only)")
+    class_weighting: Literal["balanced", "none"] = Field(
+        "balanced", description="balanced: weight each class by 1/frequency in the train split"
+    )
+    augment_online: bool = Field(True, description="random 90-degree rotations, flips, brightness and crop per batch")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)

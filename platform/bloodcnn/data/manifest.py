@@ -74,3 +74,13 @@ class Manifest(BaseModel):
     @property
     def unique_images(self) -> int:
         return len(self.images)
+
+    def balanced_class_weights(self, split: str = "train") -> list[float]:
+        """``n / (classes * n_class)`` per class, in label order: every class weighs the same in the
+        loss, and the weights average to 1 over the split, so the loss keeps its scale."""
+        counts = [self.splits[split].counts.get(name, 0) for name in self.class_names]
+        missing = [name for name, n in zip(self.class_names, counts) if n == 0]
+        if missing:
+            raise DatasetError(f"the {split} split has no images of {', '.join(missing)}")
+        total = sum(counts)
+        return [total / (len(counts) * n) for n in counts]

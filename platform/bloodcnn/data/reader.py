@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
@@ -116,9 +117,15 @@ def fetch_shards(
         return list(pool.map(fetch, shards))
 
 
+def rotate_and_flip(image: tf.Tensor) -> tf.Tensor:
+    """One of the 8 rotations/flips of a square image, at random: a smear has no up or left."""
+    image = tf.image.rot90(image, tf.random.uniform([], 0, 4, dtype=tf.int32))
+    return tf.image.random_flip_left_right(image)
+
+
 def _augment(image: tf.Tensor, image_size: int) -> tf.Tensor:
     """Light on-the-fly augmentation (the heavy, paper-style copies are made offline)."""
-    image = tf.image.random_flip_left_right(image)
+    image = rotate_and_flip(image)
     image = tf.image.random_brightness(image, 0.1 * 255.0)
     scale = tf.random.uniform([], 0.85, 1.0)
     crop = tf.cast(scale * image_size, tf.int32)
@@ -143,13 +150,18 @@ def make_dataset(
     storage_config: StorageConfig | None = None,
     manifest: Manifest | None = None,
     with_ids: bool = False,
+    class_weights: Sequence[float] | None = None,
 ) -> tf.data.Dataset:
-    """(images float32 0..255 [B, S, S, 3], one-hot labels [B, C]) batches; ids too if ``with_ids``."""
+    """(images float32 0..255 [B, S, S, 3], one-hot labels [B, C]) batches; ids too if ``with_ids``,
+    per-example weights (``class_weights[label]``) too if ``class_weights``."""
     manifest = manifest or load_manifest(dataset_uri, storage_config)
     shards = worker_shards(manifest, split, worker_index, num_workers)
     files = fetch_shards(dataset_uri, shards, manifest, cache_dir, storage_config)
     num_classes = manifest.num_classes
     autotune = tf.data.AUTOTUNE
+    if class_weights is not None and len(class_weights) != num_classes:
+        raise ValueError(f"{len(class_weights)} class weights for {num_classes} classes")
+    weights = None if class_weights is None else tf.constant(list(class_weights), tf.float32)
 
     ds = tf.data.Dataset.from_tensor_slices(files)
     if shuffle:
@@ -167,7 +179,11 @@ def make_dataset(
         if augment:
             image = _augment(image, image_size)
         label = tf.one_hot(ex["label"], num_classes, dtype=tf.float32)
-        return (image, label, ex["id"]) if with_ids else (image, label)
+        if with_ids:
+            return image, label, ex["id"]
+        if weights is not None:
+            return image, label, tf.gather(weights, ex["label"])
+        return image, label
 
     ds = ds.map(parse, num_parallel_calls=autotune, deterministic=not shuffle)
     ds = ds.batch(batch_size, drop_remainder=repeat).prefetch(autotune)

@@ -63,7 +63,27 @@ def _strategy(world: int):
     return tf.distribute.get_strategy()
 
 
-def _compile(model, learning_rate: float, label_smoothing: float) -> None:
+def _learning_rate(peak: float, schedule: str, steps: int, warmup_steps: int):
+    """The rate for one phase of ``steps`` steps.
+
+    Cosine: a linear warm-up (unfreezing blocks under a full rate jolts the pretrained weights),
+    then a decay to 0, so the phase ends on settled weights rather than on the noise of a
+    constant rate. The step counter is the optimizer's, which checkpoints restore.
+    """
+    import tf_keras as keras
+
+    if schedule == "constant" or steps <= 0:
+        return peak
+    warmup_steps = min(warmup_steps, steps - 1)
+    return keras.optimizers.schedules.CosineDecay(
+        initial_learning_rate=peak / 100 if warmup_steps else peak,
+        decay_steps=steps - warmup_steps,
+        warmup_target=peak if warmup_steps else None,
+        warmup_steps=warmup_steps,
+    )
+
+
+def _compile(model, learning_rate, label_smoothing: float) -> None:
     import tf_keras as keras
 
     model.compile(
@@ -164,12 +184,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_epochs = epochs_head + epochs_ft
     lr_scale = global_batch / t.batch_size
 
+    def phase_rate(peak: float, epochs: int, warmup_epochs: float = 0.0):
+        warmup = int(round(warmup_epochs * steps))
+        return _learning_rate(peak * lr_scale, t.lr_schedule, steps * epochs, warmup)
+
+    class_weights = manifest.balanced_class_weights() if t.class_weighting == "balanced" else None
+
     def train_fn(input_context):
         return make_dataset(
             t.dataset, "train", batch_size=per_replica, image_size=t.image_size,
             worker_index=rank, num_workers=world, shuffle=True, augment=t.augment_online,
             repeat=True, seed=t.seed * 1000 + rank + 17 * attempt_seed, storage_config=app.storage,
-            manifest=manifest,
+            manifest=manifest, class_weights=class_weights,
         )
 
     def val_fn(input_context):
@@ -199,7 +225,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         else:
             model = build_model(manifest.num_classes, t.image_size, plan["weights"], t.dropout,
                                 cache_dir=plan.get("cache_dir"))
-            _compile(model, t.learning_rate * lr_scale, t.label_smoothing)
+            _compile(model, phase_rate(t.learning_rate, epochs_head), t.label_smoothing)
     resumed_from = done
 
     train_data = strategy.distribute_datasets_from_function(train_fn)
@@ -306,7 +332,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if phase != PHASE_FINE_TUNE:
             with strategy.scope():
                 trainable = unfreeze_top_blocks(model, t.fine_tune_blocks)
-                _compile(model, t.fine_tune_learning_rate * lr_scale, t.label_smoothing)
+                _compile(model, phase_rate(t.fine_tune_learning_rate, epochs_ft, t.warmup_epochs), t.label_smoothing)
             if rank == 0:
                 _say(f"fine-tuning the top {t.fine_tune_blocks} block(s): {trainable} trainable layers in the backbone")
         fit(PHASE_FINE_TUNE, done, total_epochs)

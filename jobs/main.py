@@ -58,13 +58,17 @@ def main() -> int:
     p.add_argument("--config", default=None, help="YAML config (default: embedded defaults)")
     p.add_argument("--epochs", type=int, default=1, help="short run: phase-1 epochs (default 1)")
     p.add_argument("--fine-tune-epochs", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine"], default="constant",
+                   help="constant (default here): a one-epoch demo decayed to 0 learns about half as much")
     p.add_argument("--state-dir", default=str(REPO / "out" / "main-job"), help="where the local S3 keeps its data")
     p.add_argument("--no-wait", action="store_true", help="exit after the sample predictions")
     args = p.parse_args()
     setup_logging()
     signal.signal(signal.SIGTERM, _sigterm)
     try:
-        cfg = load_config(args.config, overrides={"train": {"epochs": args.epochs, "fine_tune_epochs": args.fine_tune_epochs}})
+        cfg = load_config(args.config, overrides={"train": {
+            "epochs": args.epochs, "fine_tune_epochs": args.fine_tune_epochs, "lr_schedule": args.lr_schedule,
+        }})
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -95,10 +99,11 @@ def main() -> int:
         print(summary_table(manifest))
 
         from bloodcnn.registry import Registry
-        from bloodcnn.train.job import run_training
+        from bloodcnn.train.job import fingerprint, run_training
 
         print(f"==> training ({cfg.train.epochs} epoch(s), {cfg.train.num_workers} worker(s), {cfg.train.image_size} px)")
-        meta = run_training(cfg, run_name=f"main-{manifest.dataset_version}-e{cfg.train.epochs}-f{cfg.train.fine_tune_epochs}")
+        # named after what it trains: a rerun resumes or reuses it, a changed config trains anew
+        meta = run_training(cfg, run_name=f"main-{fingerprint(cfg, manifest.dataset_version)}")
         registry = Registry(cfg.registry.uri, cfg.registry.model_name, cfg.storage)
         if registry.production() != meta.version:
             log.warning("model %s did not pass the promotion gates; promoting it for this local demo", meta.version)

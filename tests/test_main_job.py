@@ -3,17 +3,11 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 
 from conftest import REPO, WEIGHTS
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serving.devtools import free_port
 
 
 def test_main_job_prepares_trains_serves_and_predicts(synthetic_source, tmp_path):
@@ -23,7 +17,7 @@ def test_main_job_prepares_trains_serves_and_predicts(synthetic_source, tmp_path
 data: {{source: {synthetic_source}, shard_size: 32, augment: {{copies: 1}}}}
 train: {{image_size: 64, batch_size: 16, weights: {WEIGHTS}, num_workers: 1}}
 registry: {{gates: {{min_macro_f1: 0.0}}}}
-serve: {{port: {_free_port()}, autoscaling: {{min_replicas: 1, max_replicas: 1}}}}
+serve: {{port: {free_port()}, autoscaling: {{min_replicas: 1, max_replicas: 1}}}}
 """
     )
     env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "RAY_ADDRESS"))}

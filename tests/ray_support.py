@@ -40,7 +40,7 @@ def processes_with(needle: str) -> list[int]:
 
 @contextmanager
 def ray_head(env: dict[str, str], num_cpus: int, *extra_args: str, timeout_s: float = 120) -> Iterator[dict]:
-    """Start the head, wait until its dashboard answers HTTP (401 counts: token auth is up), yield
+    """Start the head, wait until its dashboard reports a healthy GCS, yield
     ``{"url", "ports", "temp_dir"}``; on exit stop it and anything that carries its temp dir."""
     temp_dir = tempfile.mkdtemp(prefix="rh", dir="/tmp")  # short: Ray's unix socket paths must fit 107 bytes
     ports = {flag: free_port() for flag in PORT_FLAGS}
@@ -60,13 +60,15 @@ def ray_head(env: dict[str, str], num_cpus: int, *extra_args: str, timeout_s: fl
         while True:
             if proc.poll() is not None:
                 pytest.fail(f"ray start exited with {proc.returncode}:\n{log_path.read_text()[-3000:]}")
-            try:
-                httpx.get(f"{url}/api/version", timeout=2)
-                break
+            try:  # a healthy GCS, not just any answer: waiting for an answer alone once let the
+                # security test's first unauthenticated jobs-API call get 200 instead of 401
+                if httpx.get(f"{url}/api/gcs_healthz", timeout=2).status_code == 200:
+                    break
             except httpx.HTTPError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"the Ray dashboard did not come up on {url}:\n{log_path.read_text()[-3000:]}")
-                time.sleep(0.5)
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"the Ray dashboard did not come up on {url}:\n{log_path.read_text()[-3000:]}")
+            time.sleep(0.5)
         yield {"url": url, "ports": ports, "temp_dir": temp_dir}
     finally:
         t0 = time.monotonic()

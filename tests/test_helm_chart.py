@@ -48,6 +48,8 @@ VALUE_SETS: dict[str, list[Path]] = {
     "ingress-tls": [CI / "ingress-tls-values.yaml"],
     "training-on": [CI / "training-values.yaml"],
     "training-off": [CI / "training-off-values.yaml"],
+    "local-cluster": [CI / "local-values.yaml"],
+    "local-cluster-all": [CI / "local-values.yaml", CI / "training-values.yaml"],
 }
 # Rendered as if the Prometheus Operator CRDs were installed.
 API_VERSIONS = {"ingress-tls": ["monitoring.coreos.com/v1"]}

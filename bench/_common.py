@@ -54,3 +54,30 @@ def dataset_jpegs(folder: str | Path, n: int = 64) -> list[bytes]:
     files = sorted(glob.glob(str(Path(folder) / "**" / "*.jp*g"), recursive=True))
     step = max(1, len(files) // n)
     return [Path(f).read_bytes() for f in files[::step][:n]]
+
+
+def machine() -> dict:
+    """Cores and load average now (figures taken on a busy machine read differently)."""
+    one, five, fifteen = os.getloadavg()
+    return {"cores": os.cpu_count(), "load_average": [round(one, 2), round(five, 2), round(fifteen, 2)]}
+
+
+def goal(value, target: str) -> dict:
+    """``{"value", "target", "met"}``; ``target`` is "<= 3", ">= 0.9" or "== 0"."""
+    op, _, bound = target.partition(" ")
+    b = float(bound)
+    met = None if value is None else {"<=": value <= b, ">=": value >= b, "==": value == b, "<": value < b}[op]
+    return {"value": value, "target": target, "met": met}
+
+
+def write_result(name: str, command: str, goals: dict, **details) -> Path:
+    """``bench/results/<name>.json``: command, date, machine, goals, and any details."""
+    import json
+    from datetime import datetime, timezone
+
+    out = REPO / "bench" / "results" / f"{name}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    record = {"command": command, "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+              "machine": machine(), "goals": goals, **details}
+    out.write_text(json.dumps(record, indent=1) + "\n")
+    return out

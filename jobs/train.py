@@ -4,7 +4,7 @@
     python jobs/train.py --config CONFIG                                      # starts a local Ray
 
 Exit status 0 with one JSON line (version, metrics) on success; 2 on bad input (config,
-dataset, weights, cluster size); 1 when training failed.
+dataset, weights, cluster size); 1 when training failed; 130/143 after SIGINT/SIGTERM.
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import logging
 
+    from bloodcnn import lifecycle
     from bloodcnn.config import ConfigError, load_config
     from bloodcnn.data.manifest import DatasetError
     from bloodcnn.logs import setup_logging
@@ -41,7 +42,12 @@ def main(argv: list[str] | None = None) -> int:
     log = logging.getLogger("bloodcnn.train")
     try:
         cfg = load_config(args.config)
-        meta = run_training(cfg, run_name=args.run_name)
+        # without $RAY_ADDRESS: a local Ray, stopped again on exit, signal or kill
+        with lifecycle.guarded_local_ray("train"):
+            meta = run_training(cfg, run_name=args.run_name, progress=sys.stderr.isatty())
+    except KeyboardInterrupt as exc:  # SIGINT / SIGTERM
+        log.error("interrupted (%s)", exc.args[0] if exc.args else "SIGINT")
+        return lifecycle.exit_code(exc)
     except (ConfigError, DatasetError, WeightsError, ClusterResourcesError, StorageError) as exc:
         log.error("%s: %s", type(exc).__name__, exc)
         return 2

@@ -155,7 +155,7 @@ def test_missing_and_corrupt_manifest(ray_local, s3_prefix, weights_file):
     assert time.monotonic() - t0 < 30
 
 
-def test_weights_that_do_not_fit(ray_local, synthetic_dataset, s3_prefix, weights_file, tmp_path):
+def test_weights_that_do_not_fit(ray_local, synthetic_dataset, s3_prefix, weights_file, tmp_path, monkeypatch):
     import tf_keras as keras
 
     from bloodcnn.model import WeightsError
@@ -167,7 +167,11 @@ def test_weights_that_do_not_fit(ray_local, synthetic_dataset, s3_prefix, weight
     t0 = time.monotonic()
     with pytest.raises(WeightsError, match="do not fit"):
         run_training(train_config(synthetic_dataset, s3_prefix, wrong))
-    with pytest.raises(WeightsError, match="not found"):
+    # a missing file falls back to Keras's ImageNet download; make that fail as it does offline
+    monkeypatch.setenv("HTTPS_PROXY", "http://127.0.0.1:9")  # discard port: nothing listens
+    monkeypatch.setenv("https_proxy", "http://127.0.0.1:9")
+    monkeypatch.setenv("HOME", str(tmp_path))  # no cached download in ~/.keras
+    with pytest.raises(WeightsError, match="not found.*download"):
         run_training(train_config(synthetic_dataset, s3_prefix, tmp_path / "missing.h5"))
     assert time.monotonic() - t0 < 60
 

@@ -1,7 +1,10 @@
-"""The ``bloodcnn`` command line: data, training, evaluation and the model registry.
+"""The ``bloodcnn`` command line (also ``python -m bloodcnn``): data, training, evaluation and
+the model registry.
 
 Every command takes ``--config FILE`` (else ``$BLOODCNN_CONFIG``, else embedded defaults) and
 exits non-zero with a one-paragraph message on bad input, never with a bare traceback.
+``bloodcnn train`` without ``$RAY_ADDRESS`` starts a local Ray and stops it again on success,
+failure, SIGINT/SIGTERM (exit 130/143) and, through a watchdog, when it is killed.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import sys
 from typing import Any, Callable
 
+from bloodcnn import lifecycle
 from bloodcnn.config import AppConfig, ConfigError, load_config
 from bloodcnn.logs import setup_logging
 
@@ -58,7 +62,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from bloodcnn.train.job import run_training
 
     cfg = _config(args)
-    meta = run_training(cfg, run_name=args.run_name)
+    with lifecycle.guarded_local_ray("train"):
+        meta = run_training(cfg, run_name=args.run_name, progress=not args.no_progress)
     print(json.dumps({"version": meta.version, "metrics": {k: meta.metrics.get(k) for k in ("accuracy", "macro_f1")}}))
     return 0
 
@@ -67,7 +72,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from bloodcnn.train.evaluate import evaluate_registered
 
     cfg = _config(args)
-    report = evaluate_registered(cfg, args.model, output=args.output)
+    report = evaluate_registered(cfg, args.model, output=args.output, progress=not args.no_progress)
     print(json.dumps(report, indent=2))
     return 0
 
@@ -107,7 +112,7 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bloodcnn", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="bloodcnn", description="bloodcnn: data, training, evaluation and the model registry")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
     sub = parser.add_subparsers(dest="command", required=True)
 
@@ -125,12 +130,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, help="split seed (data.split.seed)")
     p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    p = add(sub, "train", cmd_train, "run the Ray Train job, evaluate and register the model")
+    p = add(sub, "train", cmd_train, "run the Ray Train job, evaluate and register the model "
+                                     "(on $RAY_ADDRESS, else on a local Ray that it stops again)")
     p.add_argument("--run-name", default=None, help="resume or name the run (train.run_name)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
     p = add(sub, "evaluate", cmd_evaluate, "evaluate a registered model on the test split")
     p.add_argument("--model", required=True, help="version, 'production', 'latest' or a .keras path/URI")
     p.add_argument("--output", default=None, help="folder or s3:// prefix for metrics.json and plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     models = sub.add_parser("models", help="model registry").add_subparsers(dest="models_command", required=True)
     p = add(models, "list", cmd_models_list, "list registered versions and their metrics")
@@ -148,9 +156,9 @@ def main(argv: list[str] | None = None) -> int:
     except _known_errors() as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:  # SIGINT, or SIGTERM under a lifecycle.Guard
+        print(f"interrupted ({exc.args[0] if exc.args else 'SIGINT'})", file=sys.stderr)
+        return lifecycle.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -6,14 +6,43 @@ Inputs are float32 pixels in 0..255; the model rescales them to [-1, 1] itself.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import tf_keras as keras
 
+log = logging.getLogger(__name__)
 
 
 class WeightsError(ValueError):
     """A weights file is missing or does not fit MobileNetV2 (alpha 1.0, no top)."""
+
+
+#: what ``weights="imagenet"`` downloads (tf_keras picks the 224 px file for other input sizes)
+IMAGENET_URL = ("https://storage.googleapis.com/tensorflow/keras-applications/mobilenet_v2/"
+                "mobilenet_v2_weights_tf_dim_ordering_tf_kernels_1.0_{rows}_no_top.h5")
+
+
+def imagenet_url(image_size: int) -> str:
+    return IMAGENET_URL.format(rows=image_size if image_size in (96, 128, 160, 192, 224) else 224)
+
+
+def missing_weights_file(weights: str | None) -> str | None:
+    """The configured local weights file when it does not exist (then Keras's ImageNet
+    download is used instead), else None."""
+    if not weights or weights in ("imagenet", "none") or weights.startswith("s3://"):
+        return None
+    return None if Path(weights).expanduser().is_file() else weights
+
+
+def resolve_weights(weights: str) -> str:
+    """``weights`` itself, or "imagenet" when it names a local file that does not exist."""
+    missing = missing_weights_file(weights)
+    if missing is not None:
+        log.warning("weights file %s not found: using Keras's ImageNet download instead (%s, cached in "
+                    "~/.keras/models)", missing, imagenet_url(224))
+        return "imagenet"
+    return weights
 
 
 def _base_weights(weights: str, cache_dir: str | Path | None = None) -> str | None:
@@ -31,9 +60,7 @@ def _base_weights(weights: str, cache_dir: str | Path | None = None) -> str | No
         if not local.exists():
             storage.store_for(weights).download_file(weights, local)
         return str(local)
-    if not Path(weights).is_file():
-        raise WeightsError(f"weights file not found: {weights}")
-    return weights
+    return resolve_weights(weights)
 
 
 def build_model(
@@ -48,8 +75,12 @@ def build_model(
         base = keras.applications.MobileNetV2(
             input_shape=(image_size, image_size, 3), include_top=False, weights=local, alpha=1.0
         )
-    except (ValueError, OSError) as exc:
-        raise WeightsError(f"weights {weights!r} do not fit MobileNetV2 alpha=1.0 without top: {exc}") from None
+    except Exception as exc:
+        if local == "imagenet":  # tf_keras' get_file raises a bare Exception when the download fails
+            raise _download_failed(weights, image_size, exc) from None
+        if isinstance(exc, (ValueError, OSError)):
+            raise WeightsError(f"weights {weights!r} do not fit MobileNetV2 alpha=1.0 without top: {exc}") from None
+        raise
     base.trainable = False
     inputs = keras.Input((image_size, image_size, 3), name="image")
     x = keras.layers.Rescaling(1.0 / 127.5, offset=-1.0, name="to_minus1_1")(inputs)
@@ -58,6 +89,19 @@ def build_model(
     x = keras.layers.Dropout(dropout, name="dropout")(x)
     outputs = keras.layers.Dense(num_classes, activation="softmax", name="probs", dtype="float32")(x)
     return keras.Model(inputs, outputs, name="bloodcnn")
+
+
+def _download_failed(weights: str, image_size: int, exc: BaseException) -> WeightsError:
+    missing = missing_weights_file(weights)
+    url = imagenet_url(image_size)
+    if missing:
+        return WeightsError(
+            f"weights file not found: {missing}; the fallback, Keras's ImageNet download {url}, failed "
+            f"too ({exc}). Put the weights file at that path (train.weights, BLOODCNN__TRAIN__WEIGHTS) "
+            "or run once with internet access (Keras caches the download in ~/.keras/models)."
+        )
+    return WeightsError(f"the Keras ImageNet download {url} failed ({exc}); set train.weights to a local "
+                        "weights file or run once with internet access (cached in ~/.keras/models)")
 
 
 def base_model(model: keras.Model) -> keras.Model:

@@ -27,6 +27,7 @@ import boto3
 from botocore.config import Config
 
 log = logging.getLogger(__name__)
+PID_FILE = "weed.pid"
 
 
 def _weed_binary() -> str:
@@ -64,6 +65,7 @@ class S3Server:
     data_dir: Path | None = None
     port: int = 0
     region: str = "us-east-1"
+    log_path: Path | None = None  # default: <data_dir>/weed.log
     _proc: subprocess.Popen | None = field(default=None, repr=False)
     _tmp: tempfile.TemporaryDirectory | None = field(default=None, repr=False)
 
@@ -116,11 +118,14 @@ class S3Server:
             f"-filer.port={ports['filer']}", f"-admin.port={ports['admin']}",
             f"-webdav.port={ports['webdav']}", "-admin.ui=false", "-webdav=false",
         ]
-        self._log_path = self.data_dir / "weed.log"
+        self._stop_stale(store)
+        self._log_path = Path(self.log_path) if self.log_path else self.data_dir / "weed.log"
+        self._log_path.parent.mkdir(parents=True, exist_ok=True)
         logf = open(self._log_path, "ab")
         self._proc = subprocess.Popen(
             cmd, stdout=logf, stderr=subprocess.STDOUT, cwd=self.data_dir, start_new_session=True
         )
+        (self.data_dir / PID_FILE).write_text(f"{self._proc.pid}\n")
         # A process that exits without stop() (an error, Ctrl-C) must not leave the server behind.
         # (PR_SET_PDEATHSIG would also cover SIGKILL, but it fires when the starting *thread*
         # ends, which breaks restart() from a helper thread.)
@@ -137,6 +142,23 @@ class S3Server:
                 pass
         log.info("SeaweedFS S3 ready at %s (data in %s)", self.endpoint_url, self.data_dir)
         return self
+
+    def _stop_stale(self, store: Path, wait_s: float = 10.0) -> None:
+        """A SeaweedFS of an earlier run on this data dir that is still shutting down (its job was
+        killed a moment ago) would hold the store's locks: wait for it, then stop it."""
+        pid_file = self.data_dir / PID_FILE
+        try:
+            pid = int(pid_file.read_text().strip())
+        except (OSError, ValueError):
+            return
+        from bloodcnn import procs
+
+        p = procs.read(pid)
+        if p is None or p.zombie or f"-dir={store}" not in procs.cmdline(pid):
+            return
+        log.warning("SeaweedFS %d of an earlier run still uses %s: waiting for it to exit", pid, store)
+        if procs.wait_gone([p], wait_s):
+            procs.stop([p], grace_s=3.0)
 
     def _wait_ready(self, timeout_s: float) -> None:
         deadline = time.monotonic() + timeout_s
@@ -157,12 +179,16 @@ class S3Server:
     def stop(self, timeout_s: float = 15.0) -> None:
         proc, self._proc = self._proc, None
         if proc is not None and proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGTERM)
             try:
+                os.killpg(proc.pid, signal.SIGTERM)
                 proc.wait(timeout_s)
             except subprocess.TimeoutExpired:
                 os.killpg(proc.pid, signal.SIGKILL)
                 proc.wait()
+            except ProcessLookupError:
+                proc.wait()
+        if proc is not None and self.data_dir is not None:
+            (self.data_dir / PID_FILE).unlink(missing_ok=True)
         if self._tmp is not None:
             self._tmp.cleanup()
             self._tmp = None

@@ -18,9 +18,8 @@ from pathlib import Path
 import imagehash
 import numpy as np
 from PIL import Image, UnidentifiedImageError
-from tqdm import tqdm
 
-from bloodcnn import storage
+from bloodcnn import console, storage
 from bloodcnn.config import DataConfig, StorageConfig
 from bloodcnn.data.manifest import BadImage, DatasetError
 
@@ -144,7 +143,7 @@ def build_catalog(cfg: DataConfig, storage_config: StorageConfig | None = None, 
     bad: list[BadImage] = []
     with ThreadPoolExecutor(cfg.workers) as pool:
         results = pool.map(work, jobs)
-        for res in tqdm(results, total=len(jobs), desc="validate+hash", unit="img", disable=not progress):
+        for res in console.bar(results, total=len(jobs), desc="validate+hash", unit="img", disable=not progress):
             (bad if isinstance(res, BadImage) else entries).append(res)
     if bad:
         listing = "\n".join(f"  {b.path}: {b.reason}" for b in bad)

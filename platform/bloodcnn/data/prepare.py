@@ -17,9 +17,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
-from tqdm import tqdm
 
-from bloodcnn import storage
+from bloodcnn import console, storage
 from bloodcnn.config import AppConfig
 from bloodcnn.data.augment import augment_jpeg
 from bloodcnn.data.catalog import Catalog, build_catalog
@@ -80,7 +79,8 @@ def _records(catalog: Catalog, result: SplitResult, app: AppConfig, progress: bo
         return encode_example(jpeg, entry.label, f"{entry.sha256}-aug{k}")
 
     with ThreadPoolExecutor(cfg.workers) as pool:
-        for rec in tqdm(pool.map(work, jobs), total=len(jobs), desc="augment", unit="img", disable=not progress or not jobs):
+        for rec in console.bar(pool.map(work, jobs), total=len(jobs), desc="augment", unit="img",
+                               disable=not progress or not jobs):
             out["train"].append(rec)
     rng = np.random.default_rng(cfg.split.seed)
     for split in SPLITS:  # mix classes (and copies) across shards so each worker sees every class
@@ -146,7 +146,7 @@ def prepare_dataset(app: AppConfig, progress: bool = True) -> Manifest:
     splits: dict[str, SplitInfo] = {}
     with tempfile.TemporaryDirectory(prefix="bloodcnn-shards-") as tmp:
         total_shards = sum(len(shard_names(s, len(records[s]), cfg.shard_size)) for s in SPLITS)
-        bar = tqdm(total=total_shards, desc="write shards", unit="shard", disable=not progress)
+        bar = console.bar(total=total_shards, desc="write shards", unit="shard", disable=not progress)
         for split in SPLITS:
             recs = records[split]
             shards = []

@@ -85,11 +85,14 @@ def predict_split(
     image_size: int | None = None,
     batch_size: int = 64,
     manifest=None,
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(integer labels, probabilities) for every example of ``split``, in one pass."""
+    """(integer labels, probabilities) for every example of ``split``, in one pass
+    (with a progress bar on ``bloodcnn.console`` when ``progress``)."""
     import tensorflow as tf
 
-    from bloodcnn.data.reader import make_dataset
+    from bloodcnn import console
+    from bloodcnn.data.reader import load_manifest, make_dataset
 
     size = image_size or cfg.train.image_size
     data = make_dataset(cfg.train.dataset, split, batch_size=batch_size, image_size=size,
@@ -100,9 +103,15 @@ def predict_split(
         return tf.cast(model(images, training=False), tf.float32)
 
     labels, probs = [], []
-    for images, onehot in data:
-        probs.append(infer(images).numpy())
-        labels.append(np.argmax(onehot.numpy(), axis=1))
+    total = None
+    if progress:
+        m = manifest or load_manifest(cfg.train.dataset, cfg.storage)
+        total = m.splits[split].total if split in m.splits else None
+    with console.bar(desc=f"evaluating ({split} split)", total=total, unit="img", disable=not progress) as bar:
+        for images, onehot in data:
+            probs.append(infer(images).numpy())
+            labels.append(np.argmax(onehot.numpy(), axis=1))
+            bar.update(len(labels[-1]))
     if not probs:
         raise EvaluationError(f"split {split!r} of {cfg.train.dataset} is empty")
     return np.concatenate(labels), np.concatenate(probs)
@@ -116,6 +125,7 @@ def evaluate_model(
     split: str = "test",
     image_size: int | None = None,
     manifest=None,
+    progress: bool = False,
 ) -> dict[str, Any]:
     from bloodcnn.data.reader import load_manifest
 
@@ -124,7 +134,8 @@ def evaluate_model(
         raise EvaluationError(
             f"the model's classes {class_names} differ from the dataset's {manifest.class_names} ({cfg.train.dataset})"
         )
-    y_true, probs = predict_split(model, cfg, split=split, image_size=image_size, manifest=manifest)
+    y_true, probs = predict_split(model, cfg, split=split, image_size=image_size, manifest=manifest,
+                                  progress=progress)
     report = classification_metrics(y_true, probs, class_names)
     report.update(split=split, dataset=cfg.train.dataset, dataset_version=manifest.dataset_version)
     return report
@@ -137,7 +148,8 @@ def _model_input_size(model) -> int:
     return int(shape[1])
 
 
-def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = None) -> dict[str, Any]:
+def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = None,
+                        progress: bool = False) -> dict[str, Any]:
     """Re-run the test-split evaluation of a stored model.
 
     ``model_ref``: a registry version, ``production``, ``latest``, or a local / ``s3://`` ``.keras``
@@ -183,7 +195,7 @@ def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = 
                       "trained_on": meta.dataset_version}
         model = load_model(path)
         report = evaluate_model(model, cfg, class_names=class_names, image_size=_model_input_size(model),
-                                manifest=manifest)
+                                manifest=manifest, progress=progress)
         report.update(source)
         metrics_uri = storage.join(out, "metrics.json")
         cm_uri = storage.join(out, "confusion_matrix.png")

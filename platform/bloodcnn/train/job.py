@@ -28,11 +28,12 @@ import logging
 import math
 import re
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from bloodcnn import storage
 from bloodcnn.config import AppConfig
@@ -155,7 +156,7 @@ def plan_training(cfg: AppConfig, *, run_name: str | None = None, check_weights_
             val_steps = max(1, math.ceil(min(examples_per_worker(manifest, "val", t.num_workers)) / t.batch_size))
         else:  # too few val shards to split: every worker validates on all of it
             val_steps = max(1, math.ceil(val.total / t.batch_size))
-    weights = _absolute_if_local(t.weights)
+    weights = _absolute_if_local(t.weights)  # a missing local file: build_model uses Keras's ImageNet download
     if check_weights_file:
         check_weights(cfg.model_copy(update={"train": t.model_copy(update={"weights": weights})}), manifest.num_classes)
     epochs_ft = t.fine_tune_epochs if t.fine_tune_blocks > 0 else 0
@@ -182,7 +183,12 @@ def _ensure_ray() -> None:
     if not ray.is_initialized():
         address = os.environ.get("RAY_ADDRESS") or "local"  # "local": never attach to a stray cluster
         log.info("connecting to Ray at %s", address if address != "local" else "(new local cluster)")
+        from bloodcnn import lifecycle
+
+        if lifecycle.active() is not None:
+            lifecycle.keep_handlers_in_ray()  # a guarded command keeps its SIGTERM handler
         ray.init(address=address, log_to_driver=True)
+        lifecycle.reinstall()
 
 
 def worker_resources(cfg: AppConfig) -> dict[str, float]:
@@ -290,9 +296,13 @@ def _storage_filesystem(storage_path: str):
 def _stage_weights(cfg: AppConfig, plan: TrainPlan) -> str:
     """A local weights file exists on this machine only: with S3 run storage, copy it next to the
     run's checkpoints so that workers on every node can fetch it."""
+    from bloodcnn.model import missing_weights_file
+
     weights = plan.weights
     if weights in ("imagenet", "none", "") or storage.is_s3(weights) or not storage.is_s3(cfg.train.storage_path):
         return weights
+    if missing_weights_file(weights):
+        return weights  # every worker falls back to Keras's ImageNet download, as the driver did
     target = storage.join(run_uri(cfg, plan.run_name), "weights", Path(weights).name)
     store = storage.store_for(target, cfg.storage)
     if not (store.exists(target) and store.size(target) == Path(weights).stat().st_size):
@@ -304,8 +314,9 @@ def _stage_weights(cfg: AppConfig, plan: TrainPlan) -> str:
 # Ray Train
 
 
-def build_trainer(cfg: AppConfig, plan: TrainPlan):
-    """The ``TensorflowTrainer`` for this config and plan (not started)."""
+def build_trainer(cfg: AppConfig, plan: TrainPlan, board=None):
+    """The ``TensorflowTrainer`` for this config and plan (not started); rank 0 reports its
+    progress to ``board`` (a ``progress.ProgressBoard`` actor) when given."""
     from ray.train import CheckpointConfig
     from ray.train.v2.api.config import FailureConfig, RunConfig, ScalingConfig
     from ray.train.v2.tensorflow.tensorflow_trainer import TensorflowTrainer
@@ -329,31 +340,63 @@ def build_trainer(cfg: AppConfig, plan: TrainPlan):
     app.train.dataset = _absolute_if_local(app.train.dataset)
     return TensorflowTrainer(
         train_loop_per_worker,
-        train_loop_config={"app": app.model_dump(), "plan": asdict(plan)},
+        train_loop_config={"app": app.model_dump(), "plan": asdict(plan), "progress": board},
         scaling_config=scaling,
         run_config=run_config,
     )
 
 
-def _fit(trainer, plan: TrainPlan, cfg: AppConfig):
+def _fit(trainer, plan: TrainPlan, cfg: AppConfig, view=None):
+    """``trainer.fit()`` in a helper thread, while this thread draws the workers' progress.
+
+    Why a thread: Ray Train's ``fit()`` installs its own SIGINT handler when it runs in the main
+    thread, and that handler outlives it (a Ctrl-C after training then only "aborts" a finished
+    run). In a helper thread it installs none, and this thread stays responsive to signals: an
+    interrupt propagates from here while the caller stops Ray, which ends ``fit()`` too.
+    """
     from ray.train import TrainingFailedError
 
+    from bloodcnn import lifecycle
+
+    box: dict[str, Any] = {}
+
+    def target() -> None:
+        try:
+            box["result"] = trainer.fit()
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller's thread
+            box["error"] = exc
+
+    thread = threading.Thread(target=target, name="bloodcnn-fit", daemon=True)
+    thread.start()
     try:
-        return trainer.fit()
-    except TrainingFailedError as exc:
-        text = str(exc)
-        if "WorkerGroupStartupTimeoutError" in repr(exc) or "startup timed out" in text:
-            raise ClusterResourcesError(
-                f"training run {plan.run_name!r}: workers could not be placed within "
-                f"train.placement_timeout_s={cfg.train.placement_timeout_s:g}s "
-                f"({cfg.train.num_workers} x {worker_resources(cfg)}); the cluster is busy or too small"
-            ) from exc
-        if len(text) > 3000:
-            text = text[:3000] + "\n... (truncated; the full errors are in the Ray logs)"
-        raise TrainingError(
-            f"training run {plan.run_name!r} failed (max_failures={cfg.train.max_failures}); it resumes from its "
-            f"latest checkpoint when started again with the same run name: {text}"
+        while thread.is_alive():
+            thread.join(0.5)
+            if view is not None:
+                view.poll()
+        if view is not None:
+            view.poll()
+    finally:
+        if view is not None:
+            view.close()
+        lifecycle.reinstall()
+    exc = box.get("error")
+    if exc is None:
+        return box["result"]
+    if not isinstance(exc, TrainingFailedError):
+        raise exc
+    text = str(exc)
+    if "WorkerGroupStartupTimeoutError" in repr(exc) or "startup timed out" in text:
+        raise ClusterResourcesError(
+            f"training run {plan.run_name!r}: workers could not be placed within "
+            f"train.placement_timeout_s={cfg.train.placement_timeout_s:g}s "
+            f"({cfg.train.num_workers} x {worker_resources(cfg)}); the cluster is busy or too small"
         ) from exc
+    if len(text) > 3000:
+        text = text[:3000] + "\n... (truncated; the full errors are in the Ray logs)"
+    raise TrainingError(
+        f"training run {plan.run_name!r} failed (max_failures={cfg.train.max_failures}); it resumes from its "
+        f"latest checkpoint when started again with the same run name: {text}"
+    ) from exc
 
 
 def _load_final_checkpoint(result, scratch: Path) -> tuple[Path, dict[str, Any], dict[int, dict[str, Any]]]:
@@ -400,14 +443,20 @@ def run_training(
     cfg: AppConfig,
     *,
     run_name: str | None = None,
+    progress: bool = True,
+    on_stage: Callable[[str, dict[str, Any]], None] | None = None,
     _fault: dict[str, Any] | None = None,
 ) -> ModelMetadata:
     """Train, evaluate, register (and maybe promote) a model; returns its registry metadata.
 
     ``run_name`` (default ``train.run_name``) names the run: submitting the same name again
     resumes it from its latest checkpoint, or returns the registered model if it completed.
+    ``progress`` draws bars on ``bloodcnn.console`` (training per epoch as the workers report it,
+    model load, evaluation). ``on_stage(name, info)`` is told when a stage begins: "reused"
+    (``info``: version, run_name), "training" (run_name, steps, epochs), "evaluation".
     ``_fault`` is for tests only (kill a worker once, see ``loop._fault_callback``).
     """
+    stage = on_stage or (lambda name, info: None)
     started = time.time()
     driver_tensorflow_on_cpu()
     plan = plan_training(cfg, run_name=run_name, check_weights_file=False)
@@ -434,6 +483,7 @@ def run_training(
                         "(pass a new run name to train again)", plan.run_name, meta.model_name, meta.version)
             _summary(cfg, registry, meta, promoted=registry.production() == meta.version,
                      reasons=gates_passed(meta.metrics, cfg)[1])
+            stage("reused", {"version": meta.version, "run_name": plan.run_name})
             return meta
 
     check_weights(cfg.model_copy(update={"train": cfg.train.model_copy(update={"weights": plan.weights})}),
@@ -450,22 +500,43 @@ def run_training(
         "checkpoints in %s", plan.run_name, cfg.train.num_workers, plan.batch_size, plan.steps_per_epoch,
         plan.epochs_head, plan.epochs_fine_tune, cfg.train.dataset, plan.dataset_version, run_uri(cfg, plan.run_name),
     )
-    trainer = build_trainer(cfg, plan)
+    stage("training", {"run_name": plan.run_name, "steps": plan.steps_per_epoch,
+                       "epochs": plan.epochs_head + plan.epochs_fine_tune, "resuming": previous is not None})
+    from bloodcnn.train import progress as train_progress
+
+    import ray
+
+    board = train_progress.create_board()
+    view = train_progress.DriverView(board, show=progress)
+    trainer = build_trainer(cfg, plan, board)
     fit_started = time.time()
-    result = _fit(trainer, plan, cfg)
+    try:
+        result = _fit(trainer, plan, cfg, view)
+    finally:
+        try:
+            ray.kill(board)
+        except Exception:  # noqa: BLE001 - Ray already gone (interrupted)
+            pass
     fit_wall = time.time() - fit_started
     log.info("training run %s finished in %.1fs; evaluating the final model on the test split",
              plan.run_name, fit_wall)
+    stage("evaluation", {"run_name": plan.run_name})
 
     from bloodcnn.train.evaluate import evaluate_model
     from bloodcnn.train.plots import confusion_matrix_png, training_curves_png
 
     with tempfile.TemporaryDirectory(prefix="bloodcnn-train-") as tmp:
         tmp = Path(tmp)
-        ckpt_model, state, workers = _load_final_checkpoint(result, tmp)
-        model_path = tmp / "model.keras"
-        model = export_inference_model(ckpt_model, plan, cfg, model_path)
-        report = evaluate_model(model, cfg, class_names=plan.class_names)
+        from bloodcnn import console
+
+        with console.bar(desc="loading the trained model", total=2, unit="step", disable=not progress,
+                         mininterval=0) as load_bar:
+            ckpt_model, state, workers = _load_final_checkpoint(result, tmp)
+            load_bar.update()
+            model_path = tmp / "model.keras"
+            model = export_inference_model(ckpt_model, plan, cfg, model_path)
+            load_bar.update()
+        report = evaluate_model(model, cfg, class_names=plan.class_names, progress=progress)
         history = state["history"]
         ips = [h["images_per_s"] for h in history if h.get("images_per_s")]
         steady = ips[1:] if len(ips) > 1 else ips

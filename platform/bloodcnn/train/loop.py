@@ -147,6 +147,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     app = AppConfig.model_validate(config["app"])
     plan = config["plan"]
+    board = config.get("progress")  # the driver's ProgressBoard actor (rank 0 reports to it), or None
     t = app.train
     _configure_threads(t.cpus_per_worker)
 
@@ -306,6 +307,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             finally:
                 shutil.rmtree(report_dir, ignore_errors=True)
                 shutil.rmtree(scratch, ignore_errors=True)
+            if rank == 0 and board is not None:
+                from bloodcnn.train.progress import epoch_done
+
+                epoch_done(board, row, total_epochs)
             if rank == 0:
                 val = (f" val_loss={row['val_loss']:.4f} val_acc={row['val_accuracy']:.4f}"
                        if row["val_loss"] is not None else "")
@@ -316,6 +321,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     def fit(phase_name: str, initial_epoch: int, epochs: int) -> None:
         callbacks = [Report(phase_name)]
+        if rank == 0 and board is not None:
+            from bloodcnn.train.progress import worker_callback
+
+            # first, so its "saving checkpoint" goes out before Report saves it
+            callbacks.insert(0, worker_callback(board, steps=steps, global_batch=global_batch,
+                                                total_epochs=total_epochs, phase=phase_name))
         if plan.get("fault"):
             callbacks.append(_fault_callback(plan["fault"], rank))
         model.fit(

@@ -305,7 +305,7 @@ cmd_up() {
   local t0=${SECONDS}
   say "prerequisites (Debian packages, Go)"
   bash "${HERE}/prereqs.sh"
-  say "building Kubernetes ${KUBERNETES_VERSION}, KubeRay ${KUBERAY_VERSION}, CoreDNS ${COREDNS_VERSION} (cached in ${K8S_CACHE})"
+  say "Kubernetes ${KUBERNETES_VERSION}, KubeRay ${KUBERAY_VERSION}, CoreDNS ${COREDNS_VERSION}: built once, cached in ${K8S_CACHE}"
   bash "${HERE}/build.sh" all
   local kuberay_ver="${KUBERAY_VERSION}"
   [[ -x "${K8S_CACHE}/kuberay-${kuberay_ver}/bin/kuberay-operator" ]] || kuberay_ver="${KUBERAY_FALLBACK_VERSION}"

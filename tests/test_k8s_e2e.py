@@ -23,8 +23,8 @@ from pathlib import Path
 import pytest
 
 from conftest import REPO, WEIGHTS
-from k8s_support import (CHART, CLUSTER_SCRIPT, IMAGE_SCRIPT, LOCAL_VALUES, Fatal, cluster_processes, diagnostics,
-                         helm, host_snapshot, kjson, kubectl, run, snapshot_diff, wait_until)
+from k8s_support import (CHART, CLUSTER_SCRIPT, IMAGE_SCRIPT, LOCAL_VALUES, STATE, Fatal, cluster_processes, helm,
+                         host_snapshot, kjson, kubectl, run, snapshot_diff, wait_until)
 from load_support import PredictLoad
 
 pytestmark = [pytest.mark.k8s, pytest.mark.slow]
@@ -50,7 +50,9 @@ def _record(request):
     run(["bash", CLUSTER_SCRIPT, "down"], timeout=300, check=False)
     minutes = (time.monotonic() - t0) / 60
     passed = request.session.testsfailed == failed_before and all(RESULTS["steps"].get(s) for s in STEPS)
-    _write_results(passed, minutes)
+    selected = sum(item.module is request.module for item in request.session.items)
+    if selected == sum(name.startswith("test_") for name in dir(request.module)):
+        _write_results(passed, minutes)  # a -k subset would overwrite the whole run's figures
 
 
 def _write_results(passed: bool, minutes: float) -> None:
@@ -99,11 +101,9 @@ def _timed(name: str, t0: float) -> None:
 @pytest.mark.timeout(5400)
 def test_local_cluster_comes_up_with_dns_and_kuberay():
     t0 = time.monotonic()
-    proc = run(["bash", CLUSTER_SCRIPT, "up"], timeout=5300, check=False)
-    assert proc.returncode == 0, f"local-cluster.sh up failed:\n{proc.stderr[-6000:]}"
+    proc = run(["bash", CLUSTER_SCRIPT, "up"], timeout=5300)
     _timed("cluster_up", t0)
     RESULTS["built_anything"] = ": building" in proc.stderr  # build.sh's "<part> <version>: building"
-    RESULTS["up_log"] = [line for line in proc.stderr.splitlines() if line.startswith(("==>", "    "))][-20:]
 
     version = kjson("version")["serverVersion"]["gitVersion"]
     RESULTS["kubernetes_version"] = version
@@ -127,13 +127,11 @@ def test_local_cluster_comes_up_with_dns_and_kuberay():
 @pytest.mark.timeout(3600)
 def test_project_image_builds_without_docker_and_imports():
     t0 = time.monotonic()
-    build = run(["bash", IMAGE_SCRIPT, "build"], timeout=3500, check=False)
-    assert build.returncode == 0, f"image.sh build failed:\n{build.stdout[-3000:]}\n{build.stderr[-5000:]}"
+    run(["bash", IMAGE_SCRIPT, "build"], timeout=3500)
     _timed("image_build", t0)
     t0 = time.monotonic()
-    env = {**os.environ, "CONTAINERD_ADDRESS": "/var/lib/bloodcnn-k8s/containerd/containerd.sock"}
-    imported = run(["bash", IMAGE_SCRIPT, "import"], timeout=900, check=False, env=env)
-    assert imported.returncode == 0, imported.stderr[-3000:]
+    env = {**os.environ, "CONTAINERD_ADDRESS": str(STATE / "containerd" / "containerd.sock")}
+    imported = run(["bash", IMAGE_SCRIPT, "import"], timeout=900, env=env)
     ref = imported.stdout.strip().splitlines()[-2]  # what was imported (the sources may have moved on)
     _timed("image_import", t0)
     images = run(["bash", CLUSTER_SCRIPT, "exec", "ctr", "--address", env["CONTAINERD_ADDRESS"], "-n", "k8s.io",
@@ -421,8 +419,7 @@ def test_down_restores_the_host_and_a_second_up_works():
     diff = snapshot_diff(before, host_snapshot())
     assert not diff, f"the host differs after down: {json.dumps(diff, indent=1)[:4000]}"
     t0 = time.monotonic()
-    up = run(["bash", CLUSTER_SCRIPT, "up"], timeout=900, check=False)
-    assert up.returncode == 0, up.stderr[-4000:]
+    up = run(["bash", CLUSTER_SCRIPT, "up"], timeout=900)
     assert ": building" not in up.stderr, "a second up rebuilt something: " + up.stderr[-2000:]
     _timed("second_up", t0)
     assert run(["bash", CLUSTER_SCRIPT, "status"], check=False).returncode == 0

@@ -128,15 +128,19 @@ class DriverView:
         elif self.waiting is not None:
             self.waiting.refresh()
 
-    def _show(self, state: dict[str, Any]) -> None:
-        from bloodcnn import console
-
+    def _reported(self) -> bool:
+        """Notes the workers' first report and ends the waiting line; True when bars are shown."""
         if self.first_report is None:
             self.first_report = time.monotonic()
         if self.waiting is not None:
             self.waiting.close()
             self.waiting = None
-        if not self.show:
+        return self.show
+
+    def _show(self, state: dict[str, Any]) -> None:
+        from bloodcnn import console
+
+        if not self._reported():
             return
         if self.bar_epoch != state["epoch"]:
             self._close()
@@ -154,12 +158,7 @@ class DriverView:
         from bloodcnn import console
 
         self.epochs.append(event)
-        if self.first_report is None:
-            self.first_report = time.monotonic()
-        if self.waiting is not None:
-            self.waiting.close()
-            self.waiting = None
-        if not self.show:
+        if not self._reported():
             return
         if self.bar is None or self.bar_epoch != event["epoch"]:
             self._close()

@@ -112,25 +112,30 @@ def main() -> int:
     args = p.parse_args()
     parts = set(args.parts.split(","))
     work = REPO / "out" / "bench-mj"  # short: Ray's sockets live under <state>/ray
-    results: dict = {"machine_before": machine()}
+    results: dict = {}
     previous = REPO / "bench" / "results" / "main-job.json"
     if previous.exists():  # parts not run this time keep their last figures
         old = json.loads(previous.read_text())
         results.update({k: v for k, v in old.get("details", {}).items() if k not in parts})
+
+    def timed(name: str, fn) -> None:  # each part with the load average around it
+        before = machine()
+        results[name] = {**fn(), "machine_before": before, "machine_after": machine()}
+
     if "first" in parts:
         shutil.rmtree(work / "first", ignore_errors=True)
-        results["first"] = run_to_end([], work / "first")
+        timed("first", lambda: run_to_end([], work / "first"))
     if "second" in parts:
-        results["second"] = run_to_end([], work / "first")
+        timed("second", lambda: run_to_end([], work / "first"))
     if "signals" in parts:
         shutil.rmtree(work / "sig", ignore_errors=True)
-        results["signals"] = signal_sequence(work / "sig")
+        timed("signals", lambda: signal_sequence(work / "sig"))
     if "fresh" in parts:
         dest = REPO.parent / f"{REPO.name}-fresh-bench"
         shutil.rmtree(dest, ignore_errors=True)
         dest.mkdir()
         try:
-            results["fresh"] = fresh_checkout(dest)
+            timed("fresh", lambda: fresh_checkout(dest))
         finally:
             if not args.keep:
                 shutil.rmtree(dest, ignore_errors=True)

@@ -196,7 +196,8 @@ class MainJob:
             make_class_folders(root, per_class=per_class, size=size, duplicates=2, near_duplicates=2)
             done.write_text("ok\n")
         console.say(f"==> synthetic data: 4 classes x {per_class} generated {size} px images (bloodcnn.data.synthetic)")
-        console.say(f"    in {console.rel(root)} (not blood smears: the model and its predictions only show the flow)")
+        console.say(f"    in {console.rel(root)}/")
+        console.say("    (not blood smears: the model and its predictions only show the flow)")
 
     def start_s3(self) -> None:
         from bloodcnn.s3server import S3Server
@@ -347,8 +348,9 @@ class MainJob:
                 self.first_prediction_s = round(time.monotonic() - self.t0, 1)
             prob = result["probabilities"][result["class"]]
             flag = "  uncertain, refer to a specialist" if result.get("uncertain") else ""
-            name = img.source if len(img.source) <= 24 else "..." + img.source[-21:]
-            console.say(f"  {name:<24} true {manifest.class_names[img.label]:<11} -> {result['class']:<11} "
+            name = Path(img.source).name
+            name = name if len(name) <= 26 else name[:23] + "..."
+            console.say(f"  {name:<26} true {manifest.class_names[img.label]:<11} -> {result['class']:<11} "
                         f"{prob:.2f}{flag}")
 
     # ------------------------------------------------------------------ run and stop
@@ -429,7 +431,8 @@ class MainJob:
         console.say("Research use only: the model's answer is not a diagnosis.")
         if self.first_prediction_s is not None:
             minutes, seconds = divmod(int(round(self.first_prediction_s)), 60)
-            console.say(f"first prediction after {minutes}m{seconds:02d}s: {stages}")
+            console.say(f"first prediction after {minutes}m{seconds:02d}s")
+            console.say(f"stages: {stages}")
         console.say(f"model {self.notes.get('model', meta.version)}, dataset {self.notes.get('dataset', '?')}")
         console.say(f"logs: {console.rel(self.logs)}/")
 

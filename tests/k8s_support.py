@@ -12,6 +12,8 @@ import time
 from pathlib import Path
 from typing import Any, Callable
 
+import httpx
+
 from conftest import REPO
 from helm_support import helm_binary
 
@@ -94,7 +96,10 @@ def wait_until(what: str, cond: Callable[[], Any], timeout: float, namespace: st
                 return value
         except Fatal as exc:
             raise AssertionError(f"{what}: {exc}\n" + (diagnostics(namespace) if namespace else "")) from None
-        except (AssertionError, subprocess.SubprocessError, ValueError, KeyError, OSError) as exc:
+        # httpx.TransportError: a Service with no ready endpoints yet is REJECTed by kube-proxy
+        # (ENETUNREACH / ECONNREFUSED) for a moment after the RayService turns Ready
+        except (AssertionError, subprocess.SubprocessError, ValueError, KeyError, OSError,
+                httpx.TransportError) as exc:
             last_error = exc
         if fail_fast and (reason := fail_fast()):
             raise AssertionError(f"{what}: {reason}\n" + (diagnostics(namespace) if namespace else ""))

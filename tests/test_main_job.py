@@ -1,6 +1,7 @@
-"""The README's main job as a real process: every stage is interrupted once (SIGINT, SIGTERM,
-SIGKILL, a double Ctrl-C), the next run resumes from the same state dir, and the last run goes
-through to the sample predictions with a quiet console.
+"""The README's main job as a real process, interrupted in one stage after another (S3 start,
+Ray start, prepare, training, evaluation, serving start, serving; SIGINT, SIGTERM, SIGKILL and a
+double Ctrl-C), each run resuming from the same state dir, and a last run through to the sample
+predictions with a quiet console. (bench/main_job.py sends SIGTERM in every stage.)
 
 One state dir and synthetic 64 px images (``--synthetic``) for the whole sequence: each run
 reuses what the ones before it finished, so the sequence costs about one full run plus a Ray
@@ -76,16 +77,20 @@ serve: {{port: {free_port()}, autoscaling: {{min_replicas: 1, max_replicas: 1}}}
         # 2. SIGTERM in Ray start (ray.init is still bringing up the GCS, raylet and agents)
         job = _job(tmp_path)
         job.wait_for(r"==> starting a local Ray", 120)
-        time.sleep(4)
+        time.sleep(2)
         _send_when_running(job, signal.SIGTERM)
         results.append(_stopped(job, signal.SIGTERM, 143, "ray"))
+        assert "==> stopping after SIGTERM in stage ray" in job.out, job.tail()
 
-        # 3. SIGINT while preparing the dataset
+        # 3. a double Ctrl-C while preparing the dataset: the second one forces the stop at once
+        #    (SIGKILL to SeaweedFS and Ray); the next runs must still reuse the S3 store
         job = _job(tmp_path)
         job.wait_for(r"==> preparing", 180)
         _send_when_running(job, signal.SIGINT)
-        results.append(_stopped(job, signal.SIGINT, 130, "prepare"))
-        assert "stage prepare" in job.out
+        job.wait_for(r"==> stopping after SIGINT in stage prepare", 10)
+        job.send(signal.SIGINT)
+        results.append(_stopped(job, signal.SIGINT, 130, "prepare (double Ctrl-C)"))
+        assert "forced stop" in job.out, job.tail()
 
         # 4. SIGKILL in training, once the workers report progress: the watchdog stops the rest
         job = _job(tmp_path)
@@ -106,21 +111,22 @@ serve: {{port: {free_port()}, autoscaling: {{min_replicas: 1, max_replicas: 1}}}
         _send_when_running(job, signal.SIGTERM)
         results.append(_stopped(job, signal.SIGTERM, 143, "evaluation"))
 
-        # 6. SIGINT while the service starts (replicas loading the model)
+        # 6. this run finishes training (Ray Train's fit() ran in it), then SIGINT while the
+        #    service starts (replicas loading the model): Ray Train's handler must not keep it alive
         job = _job(tmp_path)
         job.wait_for(r"==> starting the service", 600)
         job.wait_for(r"replicas \(model load", 60)
         _send_when_running(job, signal.SIGINT)
         results.append(_stopped(job, signal.SIGINT, 130, "serve_start"))
+        assert "==> stopping after SIGINT in stage serve_start" in job.out, job.tail()
+        assert "resuming run main-" in job.out and "already completed" not in job.out, job.tail()
 
-        # 7. serving, then a double Ctrl-C: the second one forces the stop at once
+        # 7. SIGTERM while it serves (the model reused)
         job = _job(tmp_path)
         job.wait_for(r"Press Ctrl-C to stop", 600)
-        _send_when_running(job, signal.SIGINT)
-        job.wait_for(r"==> stopping after SIGINT", 10)
-        job.send(signal.SIGINT)
-        results.append(_stopped(job, signal.SIGINT, 130, "serving (double Ctrl-C)"))
-        assert "forced stop" in job.out, job.tail()
+        _send_when_running(job, signal.SIGTERM)
+        results.append(_stopped(job, signal.SIGTERM, 143, "serving"))
+        assert "==> stopping after SIGTERM in stage serving" in job.out, job.tail()
 
         # 8. a run through to the predictions: dataset and model reused, a quiet console
         job = _job(tmp_path, "--no-wait")
@@ -167,3 +173,21 @@ def test_missing_dataset_says_how_to_get_it_and_starts_nothing(tmp_path):
         assert needed in out, (needed, out)
     assert not (tmp_path / "state").exists()  # nothing was started or written
     assert max(len(line) for line in out.splitlines() if "nowhere" not in line) <= 100, out
+
+
+def test_verbose_shows_the_logs_on_the_console_too(tmp_path):
+    """--verbose: what goes to logs/main.log (here SeaweedFS's start-up log line) shows on the
+    console as well; Ctrl-C still stops the job cleanly."""
+    env = {**base_env(), "BLOODCNN_TEST_PAUSE": "s3"}
+    job = Command([sys.executable, "jobs/main.py", "--synthetic", "--verbose", "--state-dir", str(tmp_path / "state")],
+                  env=env, cwd=REPO)
+    try:
+        job.wait_for(r"paused at stage 's3'", 120)
+        job.wait_for(r"INFO bloodcnn.s3server: SeaweedFS S3 ready", 10)
+        job.send(signal.SIGINT)
+        rc, took = job.wait(60)
+        left, _ = job.leftovers_after(STOP_S)
+        assert rc == 130 and not left, (rc, left, job.tail())
+        assert "SeaweedFS S3 ready" in (tmp_path / "state" / "logs" / "main.log").read_text()
+    finally:
+        job.kill_all()

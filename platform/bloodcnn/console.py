@@ -59,8 +59,16 @@ def say(text: str = "") -> None:
 
 
 def error(text: str) -> None:
+    """An error for the user: long lines wrapped at :data:`WIDTH` (never inside a word or a URL)."""
+    import textwrap
+
+    lines = []
+    for line in text.rstrip("\n").split("\n"):
+        indent = line[: len(line) - len(line.lstrip())]
+        lines += textwrap.wrap(line, WIDTH, subsequent_indent=indent + "  ", break_long_words=False,
+                               break_on_hyphens=False) or [""]
     stream = err()
-    stream.write(text.rstrip("\n") + "\n")
+    stream.write("\n".join(lines) + "\n")
     stream.flush()
 
 

@@ -94,13 +94,16 @@ def build_model(
 def _download_failed(weights: str, image_size: int, exc: BaseException) -> WeightsError:
     missing = missing_weights_file(weights)
     url = imagenet_url(image_size)
+    reason = str(exc)
+    if "URL fetch failure" in reason and " -- " in reason:  # tf_keras: "URL fetch failure on URL: code -- reason"
+        reason = reason.rsplit(" -- ", 1)[1]
     if missing:
         return WeightsError(
             f"weights file not found: {missing}; the fallback, Keras's ImageNet download {url}, failed "
-            f"too ({exc}). Put the weights file at that path (train.weights, BLOODCNN__TRAIN__WEIGHTS) "
+            f"too ({reason}). Put the weights file at that path (train.weights, BLOODCNN__TRAIN__WEIGHTS) "
             "or run once with internet access (Keras caches the download in ~/.keras/models)."
         )
-    return WeightsError(f"the Keras ImageNet download {url} failed ({exc}); set train.weights to a local "
+    return WeightsError(f"the Keras ImageNet download {url} failed ({reason}); set train.weights to a local "
                         "weights file or run once with internet access (cached in ~/.keras/models)")
 
 

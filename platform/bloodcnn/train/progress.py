@@ -89,7 +89,7 @@ def epoch_done(board, row: dict[str, Any], total_epochs: int) -> None:
 class DriverView:
     """Bars on the driver's console, fed by :meth:`poll` (call it every ~0.5 s)."""
 
-    def __init__(self, board, show: bool = True, first_epoch: int = 1) -> None:
+    def __init__(self, board, show: bool = True) -> None:
         self.board = board
         self.show = show
         self.seen = 0
@@ -97,7 +97,6 @@ class DriverView:
         self.bar_epoch = None
         self.images = 0
         self.waiting = None
-        self.started = time.monotonic()
         self.first_report: float | None = None
         self.epochs: list[dict[str, Any]] = []
 
@@ -160,10 +159,9 @@ class DriverView:
         self.epochs.append(event)
         if not self._reported():
             return
-        if self.bar is None or self.bar_epoch != event["epoch"]:
+        if self.bar is None or self.bar_epoch != event["epoch"]:  # the epoch ended between two polls
             self._close()
-            total = None
-            self.bar = console.bar(desc=f"epoch {event['epoch']}/{event['epochs']}", total=total, unit="img")
+            self.bar = console.bar(desc=f"epoch {event['epoch']}/{event['epochs']}", total=None, unit="img")
             self.bar_epoch = event["epoch"]
         elif self.bar.total and self.bar.n < self.bar.total:
             self.bar.update(self.bar.total - self.bar.n)

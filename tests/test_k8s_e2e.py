@@ -22,7 +22,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import REPO, WEIGHTS
+from conftest import E2E_WRITTEN, REPO, WEIGHTS
 from k8s_support import (CHART, CLUSTER_SCRIPT, IMAGE_SCRIPT, LOCAL_VALUES, STATE, Fatal, cluster_processes, helm,
                          host_snapshot, kjson, kubectl, run, snapshot_diff, wait_until)
 from load_support import PredictLoad
@@ -53,6 +53,7 @@ def _record(request):
     selected = sum(item.module is request.module for item in request.session.items)
     if selected == sum(name.startswith("test_") for name in dir(request.module)):
         _write_results(passed, minutes)  # a -k subset would overwrite the whole run's figures
+        request.config.stash[E2E_WRITTEN] = RESULTS.get("built_anything", False)
 
 
 def _write_results(passed: bool, minutes: float) -> None:

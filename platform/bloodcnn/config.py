@@ -129,11 +129,20 @@ class GatesConfig(_Section):
     min_macro_f1: float = Field(0.9, ge=0, le=1)
 
 
+class CalibrationConfig(_Section):
+    """Fitted on the validation split after training (bloodcnn.calibration), stored with the version."""
+
+    alpha: float = Field(0.01, gt=0, lt=1, description="conformal miscoverage: sets hold the truth >= 1 - alpha")
+    score: Literal["lac", "aps"] = Field(
+        "lac", description="lac: 1 - p_true, the smallest sets; aps: cumulative mass, sets adapt to hardness")
+
+
 class RegistryConfig(_Section):
     uri: str = Field("s3://bloodcnn/models", description="model registry root")
     model_name: str = Field("bloodcnn", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     auto_promote: bool = True
     gates: GatesConfig = Field(default_factory=GatesConfig)
+    calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
 
 
 class AutoscalingConfig(_Section):
@@ -219,11 +228,15 @@ def load_config(
     *,
     environ: dict[str, str] | None = None,
     overrides: dict[str, Any] | None = None,
+    base: dict[str, Any] | None = None,
 ) -> AppConfig:
-    """Defaults <- YAML file (``path`` or ``$BLOODCNN_CONFIG``) <- env overrides <- ``overrides``."""
+    """Defaults <- ``base`` <- YAML file (``path`` or ``$BLOODCNN_CONFIG``) <- env overrides <- ``overrides``.
+
+    ``base`` is a caller's own defaults (the main job's short run) that a user's file still beats.
+    """
     environ = dict(os.environ if environ is None else environ)
     path = path or environ.get(CONFIG_ENV) or None
-    data: dict[str, Any] = yaml.safe_load(default_config_text()) or {}
+    data: dict[str, Any] = _merge(yaml.safe_load(default_config_text()) or {}, base or {})
     origin = "embedded defaults"
     if path is not None:
         p = Path(path)

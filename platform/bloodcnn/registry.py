@@ -20,6 +20,7 @@ from typing import Any
 from pydantic import BaseModel, Field
 
 from bloodcnn import storage
+from bloodcnn.calibration import Calibration
 from bloodcnn.config import StorageConfig
 
 MODEL_FILE = "model.keras"
@@ -46,6 +47,8 @@ class ModelMetadata(BaseModel):
     model_file: str = MODEL_FILE
     model_sha256: str
     artifacts: list[str] = Field(default_factory=list)
+    calibration: Calibration | None = Field(
+        None, description="temperature and conformal quantile; None for versions from before them")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:

@@ -1,0 +1,189 @@
+"""Calibrated probabilities and conformal prediction sets, fitted on the validation split.
+
+* **Temperature scaling** (Guo et al., 2017): one scalar ``T`` that divides the logits, fitted
+  by minimising the validation NLL. It changes no argmax, only how confident the model says it is.
+  The model ends in a softmax, so ``log p`` serves as the logits (softmax is shift-invariant).
+* **Split-conformal sets** (Angelopoulos & Bates, 2021): on ``n`` held-out images, the
+  ``ceil((n + 1)(1 - alpha)) / n`` quantile ``qhat`` of a non-conformity score gives sets that
+  hold the true class with probability >= ``1 - alpha`` for a new image from the same
+  distribution. Two scores:
+
+  - ``lac`` (the default; the "plain score" ``1 - p_true``, Sadinle et al., 2019): the set is
+    every class with ``p >= 1 - qhat``. It has the smallest mean set size of all valid sets, which
+    is what a triage rule wants: as many single-class answers as the guarantee allows.
+  - ``aps`` (Romano et al., 2020, non-randomised): the classes by falling probability until their
+    cumulative mass passes ``qhat``. Its sets adapt to how hard an image is, at the price of larger
+    sets on a model that is rarely wrong.
+
+The temperature and ``qhat`` are fitted on the same validation split; ``T`` is a single
+parameter, so the dependence this adds is small (the tests check coverage on fresh data).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+import numpy as np
+from pydantic import BaseModel, Field
+
+Score = Literal["lac", "aps"]
+_EPS = 1e-12
+
+
+class Calibration(BaseModel):
+    """What serving needs to turn model outputs into calibrated probabilities and sets."""
+
+    temperature: float = Field(gt=0, description="divides the logits (log-probabilities)")
+    alpha: float = Field(gt=0, lt=1, description="miscoverage: sets hold the truth with prob. >= 1 - alpha")
+    score: Score = "lac"
+    qhat: float = Field(description="conformal quantile of the score on the calibration split")
+    calibration_examples: int = Field(ge=1)
+
+
+# --------------------------------------------------------------------------- temperature
+def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
+    """softmax(log p / T), row by row."""
+    logits = np.log(np.clip(np.asarray(probs, dtype=np.float64), _EPS, 1.0)) / float(temperature)
+    logits -= logits.max(axis=-1, keepdims=True)
+    e = np.exp(logits)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
+    """The ``T`` in [0.05, 20] that minimises the NLL of ``labels`` (bounded 1-D search on log T)."""
+    from scipy.optimize import minimize_scalar
+
+    labels = np.asarray(labels, dtype=np.int64)
+    if len(labels) == 0:
+        raise ValueError("no examples to fit a temperature on")
+    result = minimize_scalar(lambda log_t: nll(apply_temperature(probs, math.exp(log_t)), labels),
+                             bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+                             options={"xatol": 1e-4})
+    return float(math.exp(result.x))
+
+
+# --------------------------------------------------------------------------- metrics
+def nll(probs: np.ndarray, labels: np.ndarray) -> float:
+    p = np.asarray(probs, dtype=np.float64)[np.arange(len(labels)), np.asarray(labels, dtype=np.int64)]
+    return float(-np.log(np.clip(p, _EPS, 1.0)).mean())
+
+
+def brier(probs: np.ndarray, labels: np.ndarray) -> float:
+    """Mean over images of the squared distance to the one-hot truth (summed over classes)."""
+    p = np.asarray(probs, dtype=np.float64)
+    onehot = np.eye(p.shape[1])[np.asarray(labels, dtype=np.int64)]
+    return float(((p - onehot) ** 2).sum(axis=1).mean())
+
+
+def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Top-label reliability: per equal-width confidence bin, its count, mean confidence and
+    accuracy; ``ece`` = the count-weighted mean gap."""
+    p = np.asarray(probs, dtype=np.float64)
+    conf = p.max(axis=1)
+    correct = p.argmax(axis=1) == np.asarray(labels, dtype=np.int64)
+    which = np.minimum((conf * bins).astype(int), bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        m = which == b
+        n = int(m.sum())
+        acc = float(correct[m].mean()) if n else None
+        mean_conf = float(conf[m].mean()) if n else None
+        if n:
+            ece += n / len(conf) * abs(acc - mean_conf)
+        rows.append({"lower": b / bins, "upper": (b + 1) / bins, "count": n, "confidence": mean_conf,
+                     "accuracy": acc})
+    return {"ece": float(ece), "bins": rows}
+
+
+def calibration_metrics(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
+    return {"ece": reliability(probs, labels, bins)["ece"], "nll": nll(probs, labels), "brier": brier(probs, labels)}
+
+
+# --------------------------------------------------------------------------- conformal sets
+def scores(probs: np.ndarray, labels: np.ndarray, score: Score = "lac") -> np.ndarray:
+    """Non-conformity of the true class of each image (higher = less like the model's answer)."""
+    p = np.asarray(probs, dtype=np.float64)
+    y = np.asarray(labels, dtype=np.int64)
+    p_true = p[np.arange(len(y)), y]
+    if score == "lac":
+        return 1.0 - p_true
+    # aps: the mass of the classes ranked above the true one, plus the true one
+    return (p * (p > p_true[:, None])).sum(axis=1) + p_true
+
+
+def conformal_quantile(cal_scores: np.ndarray, alpha: float) -> float:
+    """``qhat``: the ceil((n+1)(1-alpha))-th smallest score; inf when n is too small for alpha."""
+    n = len(cal_scores)
+    k = math.ceil((n + 1) * (1 - alpha))
+    if k > n:
+        return math.inf
+    return float(np.sort(np.asarray(cal_scores, dtype=np.float64))[k - 1])
+
+
+def prediction_sets(probs: np.ndarray, qhat: float, score: Score = "lac") -> np.ndarray:
+    """Boolean ``[N, C]``: which classes each image's set holds."""
+    p = np.asarray(probs, dtype=np.float64)
+    if score == "lac":
+        return (1.0 - p) <= qhat + 1e-12
+    order = np.argsort(-p, axis=1, kind="stable")
+    sorted_p = np.take_along_axis(p, order, axis=1)
+    cum = np.cumsum(sorted_p, axis=1)
+    keep_sorted = cum <= qhat + 1e-12
+    keep = np.zeros_like(keep_sorted)
+    np.put_along_axis(keep, order, keep_sorted, axis=1)
+    return keep
+
+
+def fit(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.01, score: Score = "lac") -> Calibration:
+    """Temperature, then the conformal quantile on the temperature-scaled probabilities."""
+    t = fit_temperature(probs, labels)
+    q = conformal_quantile(scores(apply_temperature(probs, t), labels, score), alpha)
+    # both scores are <= 1, so qhat = 1 (all classes) stands for "too few examples for this alpha"
+    return Calibration(temperature=t, alpha=alpha, score=score, qhat=min(q, 1.0), calibration_examples=len(labels))
+
+
+def set_metrics(sets: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
+    """Coverage, mean set size, and the risk-coverage pair of the single-class answers."""
+    y = np.asarray(labels, dtype=np.int64)
+    size = sets.sum(axis=1)
+    single = size == 1
+    correct = np.asarray(probs).argmax(axis=1) == y
+    return {
+        "coverage": float(sets[np.arange(len(y)), y].mean()),
+        "mean_set_size": float(size.mean()),
+        "single_set_share": float(single.mean()),
+        "single_set_accuracy": float(correct[single].mean()) if single.any() else None,
+        "empty_set_share": float((size == 0).mean()),
+    }
+
+
+def risk_coverage(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, labels: np.ndarray,
+                  score: Score = "lac", alphas: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                                                                      0.1, 0.2)) -> list[dict[str, Any]]:
+    """For each alpha: the share of test images answered with one class and their accuracy."""
+    cal = scores(cal_probs, cal_labels, score)
+    rows = []
+    for a in alphas:
+        q = conformal_quantile(cal, a)
+        rows.append({"alpha": a, **set_metrics(prediction_sets(probs, min(q, 1.0), score), probs, labels)})
+    return rows
+
+
+def evaluate(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, labels: np.ndarray,
+             alpha: float = 0.01, score: Score = "lac", bins: int = 15) -> tuple[Calibration, dict[str, Any]]:
+    """Fit on the calibration split (validation); report on the evaluation split (test)."""
+    c = fit(cal_probs, cal_labels, alpha, score)
+    cal_scaled = apply_temperature(cal_probs, c.temperature)
+    scaled = apply_temperature(probs, c.temperature)
+    sets = prediction_sets(scaled, c.qhat, score)
+    report = {
+        **c.model_dump(),
+        "before": calibration_metrics(probs, labels, bins),
+        "after": calibration_metrics(scaled, labels, bins),
+        "reliability_before": reliability(probs, labels, bins)["bins"],
+        "reliability_after": reliability(scaled, labels, bins)["bins"],
+        "conformal": set_metrics(sets, scaled, labels),
+        "risk_coverage": risk_coverage(cal_scaled, cal_labels, scaled, labels, score),
+    }
+    return c, report

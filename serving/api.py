@@ -70,7 +70,13 @@ class Prediction(BaseModel):
     class_: str = Field(alias="class", description="predicted class")
     confidence: float = Field(description="probability of the predicted class")
     probabilities: dict[str, float] = Field(description="probability per class name")
-    uncertain: bool = Field(description="top probability under uncertain_threshold: refer to a specialist")
+    prediction_set: list[str] | None = Field(
+        None, description="conformal prediction set (classes by falling probability) that holds the true class "
+        "with probability >= 1 - alpha; null for a version without calibration")
+    uncertain: bool = Field(description="refer to a specialist: the prediction set does not hold exactly one "
+                            "class (uncertainty_rule conformal), or the top probability is under "
+                            "uncertain_threshold (threshold)")
+    uncertainty_rule: str = Field(description="conformal or threshold")
     advice: str | None = None
     model_version: str
 
@@ -376,7 +382,9 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
             "class": r["class"],
             "confidence": r["confidence"],
             "probabilities": r["probabilities"],
+            "prediction_set": r.get("prediction_set"),
             "uncertain": r["uncertain"],
+            "uncertainty_rule": r.get("uncertainty_rule", "threshold"),
             "advice": "refer to a specialist" if r["uncertain"] else None,
             "model_version": r["model_version"],
         }
@@ -419,6 +427,7 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
             "X-Bloodcnn-Class": r["class"],
             "X-Bloodcnn-Confidence": f"{r['confidence']:.6f}",
             "X-Bloodcnn-Uncertain": "true" if r["uncertain"] else "false",
+            "X-Bloodcnn-Prediction-Set": json.dumps(r.get("prediction_set"), separators=(",", ":")),
             "X-Bloodcnn-Model-Version": r["model_version"],
             "X-Bloodcnn-Gradcam-Layer": out.get("layer", ""),
             "X-Bloodcnn-Probabilities": json.dumps(r["probabilities"], separators=(",", ":")),

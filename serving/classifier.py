@@ -36,6 +36,7 @@ from typing import Any
 import numpy as np
 from ray import serve
 
+from bloodcnn import calibration
 from bloodcnn.inference import ImageError, load_for_model, preprocess, decode_image, set_max_pixels
 from bloodcnn.registry import ModelMetadata, Registry
 from serving.settings import ClassifierSettings
@@ -99,6 +100,35 @@ class LoadedModel:
                 gc.heatmap(np.zeros((self.image_size, self.image_size, 3), np.float32))  # trace once
                 self._gradcam = gc
             return self._gradcam
+
+
+def answer(probs: np.ndarray, cur: LoadedModel, s: ClassifierSettings, batch_size: int = 1,
+            first: bool = True) -> dict:
+    """One answer. A calibrated version's probabilities are temperature-scaled and carry a
+    conformal prediction set; under the conformal rule ``uncertain`` means the set does not
+    hold exactly one class. Versions from before calibration keep the threshold rule."""
+    probs = np.asarray(probs, dtype=np.float64)
+    c = cur.meta.calibration
+    pset = None
+    if c is not None:
+        probs = calibration.apply_temperature(probs[None], c.temperature)[0]
+        keep = calibration.prediction_sets(probs[None], c.qhat, c.score)[0]
+        pset = [name for name, k, _ in sorted(zip(cur.class_names, keep, probs), key=lambda t: -t[2]) if k]
+    top = int(np.argmax(probs))
+    rule = "conformal" if (pset is not None and s.uncertain_rule == "conformal") else "threshold"
+    uncertain = len(pset) != 1 if rule == "conformal" else bool(probs[top] < s.uncertain_threshold)
+    return {
+        "class": cur.class_names[top],
+        "class_index": top,
+        "confidence": float(probs[top]),
+        "probabilities": {name: float(p) for name, p in zip(cur.class_names, probs)},
+        "prediction_set": pset,
+        "uncertain": uncertain,
+        "uncertainty_rule": rule,
+        "model_version": cur.version,
+        "batch_size": batch_size,
+        "first_in_batch": first,
+    }
 
 
 @dataclass
@@ -399,26 +429,11 @@ class BloodClassifier:
                 it.x = preprocess(decode_image(it.data, it.max_pixels), cur.image_size)
             xs.append(it.x)
         probs, tf_batch, first_part = await self._runner.run(cur, np.stack(xs))
-        threshold = self._settings.uncertain_threshold
+        s = self._settings
         return [
-            self._result(p, cur, threshold, batch_size=tf_batch, first=first_part and i == 0)
+            answer(p, cur, s, batch_size=tf_batch, first=first_part and i == 0)
             for i, p in enumerate(probs)
         ]
-
-    @staticmethod
-    def _result(probs: np.ndarray, cur: LoadedModel, threshold: float, batch_size: int = 1, first: bool = True) -> dict:
-        probs = np.asarray(probs, dtype=np.float64)
-        top = int(np.argmax(probs))
-        return {
-            "class": cur.class_names[top],
-            "class_index": top,
-            "confidence": float(probs[top]),
-            "probabilities": {name: float(p) for name, p in zip(cur.class_names, probs)},
-            "uncertain": bool(probs[top] < threshold),
-            "model_version": cur.version,
-            "batch_size": batch_size,
-            "first_in_batch": first,
-        }
 
     async def explain(self, data: bytes) -> dict:
         """Grad-CAM overlay PNG plus the prediction for one image."""
@@ -432,7 +447,7 @@ class BloodClassifier:
             return gc.explain(x) + (gc.layer_name,)
 
         png, probs, layer = await asyncio.get_running_loop().run_in_executor(self._explain_pool, run)
-        result = self._result(probs, cur, self._settings.uncertain_threshold)
+        result = answer(probs, cur, self._settings)
         return {"png": png, "result": result, "layer": layer}
 
     # ------------------------------------------------------------------ status
@@ -468,4 +483,7 @@ class BloodClassifier:
             "model_sha256": m.model_sha256,
             "loaded_at": cur.loaded_at,
             "uncertain_threshold": s.uncertain_threshold if s else None,
+            "calibration": m.calibration.model_dump() if m.calibration else None,
+            "uncertainty_rule": ("conformal" if m.calibration and s and s.uncertain_rule == "conformal"
+                                 else "threshold"),
         }

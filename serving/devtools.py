@@ -72,6 +72,7 @@ def register_model(
     metrics: dict[str, Any] | None = None,
     promote: bool = True,
     storage_config=None,
+    calibration: dict[str, Any] | None = None,
 ):
     """Save ``model`` as .keras, register it (and promote it); returns the ModelMetadata."""
     from bloodcnn.registry import Registry
@@ -88,6 +89,7 @@ def register_model(
                 "image_size": int(model.input_shape[1]),
                 "metrics": metrics or {},
                 "config": {"note": "untrained model registered by serving.devtools"},
+                "calibration": calibration,
             },
             version=version,
         )

@@ -7,6 +7,8 @@ with a changed ``user_config`` reconfigures replicas in place); ``IngressSetting
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ConfigDict, Field
 
 from bloodcnn.config import AppConfig
@@ -21,6 +23,7 @@ class ClassifierSettings(BaseModel):
     max_batch_size: int = Field(32, ge=1)
     batch_wait_timeout_s: float = Field(0.02, ge=0)
     uncertain_threshold: float = Field(0.6, ge=0, le=1)
+    uncertain_rule: Literal["conformal", "threshold"] = "conformal"
     version_poll_s: float = Field(10.0, ge=0)
     max_pixels: int = Field(40_000_000, ge=1)
 
@@ -49,6 +52,7 @@ def classifier_settings(cfg: AppConfig) -> ClassifierSettings:
         max_batch_size=s.max_batch_size,
         batch_wait_timeout_s=s.batch_wait_timeout_s,
         uncertain_threshold=s.uncertain_threshold,
+        uncertain_rule=s.uncertain_rule,
         version_poll_s=s.version_poll_s,
         max_pixels=s.max_pixels,
     )

@@ -109,3 +109,41 @@ def test_evaluate_reports_before_after_sets_and_a_risk_coverage_curve():
     accs = [r["single_set_accuracy"] for r in curve if r["single_set_accuracy"] is not None]
     assert accs[0] >= accs[-1]  # ... and is wrong more often on them
     assert report["conformal"]["coverage"] >= 0.9
+
+
+# ---- serving: the answer of a calibrated version and of one from before calibration -----------
+def _answer(calibration: dict | None, probs, rule: str = "conformal") -> dict:
+    from pathlib import Path
+
+    from bloodcnn.registry import ModelMetadata
+    from serving.classifier import LoadedModel, answer
+    from serving.settings import ClassifierSettings
+
+    meta = ModelMetadata(model_name="m", version="v1", created_at="2026-12-02T00:00:00Z", dataset_version="d",
+                         class_names=["Benign", "Early Pre-B", "Pre-B", "Pro-B"], image_size=64,
+                         model_sha256="0" * 64, calibration=calibration)
+    cur = LoadedModel(meta=meta, source=("s3://r", "m"), model=None, predictor=None, path=Path("."))
+    s = ClassifierSettings(registry_uri="s3://r", model_name="m", uncertain_rule=rule, uncertain_threshold=0.6)
+    return answer(np.asarray(probs), cur, s)
+
+
+def test_a_calibrated_version_answers_with_its_set_and_the_conformal_rule():
+    c = {"temperature": 2.0, "alpha": 0.05, "score": "lac", "qhat": 0.85, "calibration_examples": 500}
+    r = _answer(c, [0.85, 0.1, 0.04, 0.01])
+    scaled = cal.apply_temperature(np.array([[0.85, 0.1, 0.04, 0.01]]), 2.0)[0]
+    assert r["probabilities"]["Benign"] == pytest.approx(scaled[0])  # temperature-scaled
+    assert r["prediction_set"] == ["Benign", "Early Pre-B"]  # p >= 0.15 after scaling (0.60, 0.21, 0.13, 0.07)
+    assert r["uncertain"] and r["uncertainty_rule"] == "conformal"
+    sure = _answer(c, [0.999, 0.0005, 0.0003, 0.0002])
+    assert sure["prediction_set"] == ["Benign"] and not sure["uncertain"]
+    # the threshold rule on the same version: the set is still reported
+    t = _answer(c, [0.85, 0.1, 0.04, 0.01], rule="threshold")
+    assert t["uncertainty_rule"] == "threshold" and t["prediction_set"] == r["prediction_set"]
+    assert t["uncertain"] == (t["confidence"] < 0.6)
+
+
+def test_a_version_from_before_calibration_keeps_the_threshold_rule():
+    r = _answer(None, [0.55, 0.25, 0.15, 0.05])
+    assert r["prediction_set"] is None and r["uncertainty_rule"] == "threshold"
+    assert r["uncertain"] and r["probabilities"]["Benign"] == pytest.approx(0.55)
+    assert not _answer(None, [0.75, 0.15, 0.05, 0.05])["uncertain"]

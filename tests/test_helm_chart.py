@@ -388,7 +388,7 @@ def test_values_reach_serve_config(helm_bin, tmp_path):
     values.write_text(yaml.safe_dump({
         "config": {
             "serve": {"max_batch_size": 7, "batch_wait_timeout_s": 0.125, "uncertain_threshold": 0.55,
-                      "model_version": "v20260101", "max_ongoing_requests": 21, "num_cpus_per_replica": 1.5,
+                      "uncertain_rule": "threshold", "model_version": "v20260101", "max_ongoing_requests": 21, "num_cpus_per_replica": 1.5,
                       "autoscaling": {"min_replicas": 2, "max_replicas": 9, "target_ongoing_requests": 5}},
             "registry": {"model_name": "blood-b"},
         },
@@ -401,7 +401,7 @@ def test_values_reach_serve_config(helm_bin, tmp_path):
     assert classifier["user_config"] == {
         "registry_uri": "s3://my-bucket/models", "model_name": "blood-b", "model_version": "v20260101",
         "max_batch_size": 7, "batch_wait_timeout_s": 0.125, "uncertain_threshold": 0.55,
-        "version_poll_s": 10, "max_pixels": 40000000}
+        "uncertain_rule": "threshold", "version_poll_s": 10, "max_pixels": 40000000}
     assert classifier["autoscaling_config"]["min_replicas"] == 2
     assert classifier["autoscaling_config"]["max_replicas"] == 9
     assert classifier["autoscaling_config"]["target_ongoing_requests"] == 5

@@ -93,7 +93,17 @@ def test_two_workers_survive_a_killed_worker_register_evaluate_and_rerun(
     assert meta.dataset_version == manifest.dataset_version
     assert meta.class_names == manifest.class_names and meta.image_size == 64
     assert meta.config["train"]["run_name"] == "two-workers" and meta.code_version
-    assert sorted(meta.artifacts) == ["confusion_matrix.png", "metrics.json", "training_curves.png"]
+    assert sorted(meta.artifacts) == ["confusion_matrix.png", "metrics.json", "reliability.png",
+                                      "training_curves.png"]
+    # calibrated on the validation split, reported on the test split, stored with the version
+    c = m["calibration"]
+    assert c["fitted_on"] == "val" and c["calibration_examples"] == manifest.splits["val"].total
+    assert meta.calibration.temperature == c["temperature"] > 0 and meta.calibration.qhat == c["qhat"]
+    assert meta.calibration.alpha == cfg.registry.calibration.alpha
+    for stage in ("before", "after"):
+        assert set(c[stage]) == {"ece", "nll", "brier"}
+    assert c["after"]["nll"] <= c["before"]["nll"] + 0.05  # fitted on val; test is close to it
+    assert 0 <= c["conformal"]["coverage"] <= 1 and c["risk_coverage"]
     for name in meta.artifacts:
         data = storage.read_bytes(storage.join(reg.root, meta.version, name))
         assert data[:4] == b"\x89PNG" or json.loads(data)["accuracy"] == m["accuracy"]

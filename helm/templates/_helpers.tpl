@@ -181,7 +181,7 @@ The Ray Serve config (serveConfigV2) rendered from the app config and .Values.se
 {{- define "bloodcnn.serveConfig" -}}
 {{- $cfg := include "bloodcnn.appConfig" . | fromYaml -}}
 {{- $serve := $cfg.serve -}}
-{{- range $key := list "model_version" "max_batch_size" "batch_wait_timeout_s" "uncertain_threshold" "version_poll_s" "max_pixels" "max_ongoing_requests" "num_cpus_per_replica" "autoscaling" -}}
+{{- range $key := list "model_version" "max_batch_size" "batch_wait_timeout_s" "uncertain_threshold" "uncertain_rule" "version_poll_s" "max_pixels" "max_ongoing_requests" "num_cpus_per_replica" "autoscaling" -}}
 {{- if not (hasKey $serve $key) -}}
 {{- fail (printf "config.serve.%s must be set: it feeds the RayService serveConfigV2" $key) -}}
 {{- end -}}
@@ -207,6 +207,7 @@ code's, so user_config and autoscaling_config must be complete. */ -}}
     "max_batch_size" $serve.max_batch_size
     "batch_wait_timeout_s" $serve.batch_wait_timeout_s
     "uncertain_threshold" $serve.uncertain_threshold
+    "uncertain_rule" $serve.uncertain_rule
     "version_poll_s" $serve.version_poll_s
     "max_pixels" $serve.max_pixels) -}}
 {{- $apiIngress := dict

@@ -169,7 +169,10 @@ class ServeConfig(_Section):
     max_ongoing_requests: int = Field(64, ge=1)
     num_cpus_per_replica: float = Field(1.0, gt=0)
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
-    uncertain_threshold: float = Field(0.6, ge=0, le=1)
+    uncertain_threshold: float = Field(0.6, ge=0, le=1, description="the threshold rule: top probability under it")
+    uncertain_rule: Literal["conformal", "threshold"] = Field(
+        "conformal", description="conformal: uncertain unless the prediction set holds exactly one class "
+        "(versions without calibration fall back to the threshold rule); threshold: uncertain_threshold only")
     max_images_per_request: int = Field(16, ge=1)
     max_body_mb: float = Field(10.0, gt=0)
     max_pixels: int = Field(40_000_000, ge=1)

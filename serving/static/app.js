@@ -98,6 +98,15 @@
       const r = data.results[0];
       $("pred-class").textContent = r["class"];
       $("pred-confidence").textContent = `(${(r.confidence * 100).toFixed(1)}%)`;
+      const set = r.prediction_set;
+      $("set-line").hidden = !set;
+      if (set) {
+        $("pred-set").textContent = set.length ? `{${set.join(", ")}}` : "{ } (empty)";
+        $("set-note").textContent = "(holds the true class with the calibrated probability)";
+      }
+      $("uncertain-why").textContent = r.uncertainty_rule === "conformal"
+        ? "the prediction set does not hold exactly one class."
+        : "the top probability is under the threshold.";
       $("uncertain").hidden = !r.uncertain;
       $("result-card").classList.toggle("is-uncertain", r.uncertain);
       $("model-version").textContent = r.model_version;

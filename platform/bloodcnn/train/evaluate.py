@@ -126,7 +126,12 @@ def evaluate_model(
     image_size: int | None = None,
     manifest=None,
     progress: bool = False,
-) -> dict[str, Any]:
+    calibrate: bool = False,
+):
+    """The metrics of ``split``; with ``calibrate``, ``(report, Calibration | None)``: temperature and
+    conformal sets fitted on the validation split (``report["calibration"]`` has the figures on
+    ``split``, before and after); None when there is no validation split to fit on."""
+    from bloodcnn import calibration
     from bloodcnn.data.reader import load_manifest
 
     manifest = manifest or load_manifest(cfg.train.dataset, cfg.storage)
@@ -138,7 +143,17 @@ def evaluate_model(
                                   progress=progress)
     report = classification_metrics(y_true, probs, class_names)
     report.update(split=split, dataset=cfg.train.dataset, dataset_version=manifest.dataset_version)
-    return report
+    if not calibrate:
+        return report
+    if "val" not in manifest.splits or not manifest.splits["val"].total:
+        log.warning("no validation split in %s: the version gets no calibration", cfg.train.dataset)
+        return report, None
+    y_val, p_val = predict_split(model, cfg, split="val", image_size=image_size, manifest=manifest,
+                                 progress=progress)
+    c = cfg.registry.calibration
+    fitted, report["calibration"] = calibration.evaluate(p_val, y_val, probs, y_true, alpha=c.alpha, score=c.score)
+    report["calibration"].update(fitted_on="val", evaluated_on=split)
+    return report, fitted
 
 
 def _model_input_size(model) -> int:

@@ -523,7 +523,7 @@ def run_training(
     stage("evaluation", {"run_name": plan.run_name})
 
     from bloodcnn.train.evaluate import evaluate_model
-    from bloodcnn.train.plots import confusion_matrix_png, training_curves_png
+    from bloodcnn.train.plots import confusion_matrix_png, reliability_png, training_curves_png
 
     with tempfile.TemporaryDirectory(prefix="bloodcnn-train-") as tmp:
         tmp = Path(tmp)
@@ -536,7 +536,8 @@ def run_training(
             model_path = tmp / "model.keras"
             model = export_inference_model(ckpt_model, plan, cfg, model_path)
             load_bar.update()
-        report = evaluate_model(model, cfg, class_names=plan.class_names, progress=progress)
+        report, calib = evaluate_model(model, cfg, class_names=plan.class_names, progress=progress,
+                                       calibrate=True)
         history = state["history"]
         ips = [h["images_per_s"] for h in history if h.get("images_per_s")]
         steady = ips[1:] if len(ips) > 1 else ips
@@ -562,6 +563,11 @@ def run_training(
         confusion_matrix_png(report["confusion_matrix"], plan.class_names, cm_png,
                              title=f"{cfg.registry.model_name} {plan.run_name}: test split")
         training_curves_png(history, plan.epochs_head, curves_png, title=f"{plan.run_name}")
+        artifacts = {"metrics.json": json.dumps(report, indent=2).encode(), "confusion_matrix.png": cm_png,
+                     "training_curves.png": curves_png}
+        if "calibration" in report:
+            artifacts["reliability.png"] = reliability_png(report["calibration"], tmp / "reliability.png",
+                                                           title=f"{plan.run_name}: test split")
         metadata = {
             "dataset_version": plan.dataset_version,
             "class_names": plan.class_names,
@@ -569,15 +575,9 @@ def run_training(
             "metrics": report,
             "config": cfg.model_dump(),
             "code_version": code_version(),
+            "calibration": calib.model_dump() if calib else None,
         }
-        meta = registry.register(
-            model_path, metadata,
-            artifacts={
-                "metrics.json": json.dumps(report, indent=2).encode(),
-                "confusion_matrix.png": cm_png,
-                "training_curves.png": curves_png,
-            },
-        )
+        meta = registry.register(model_path, metadata, artifacts=artifacts)
     passed, reasons = gates_passed(report, cfg)
     promoted = False
     if cfg.registry.auto_promote and passed:

@@ -81,3 +81,36 @@ def training_curves_png(
     fig.suptitle((title or "training") + suffix, fontsize=10)
     fig.tight_layout()
     return _finish(fig, path)
+
+
+def reliability_png(report: dict[str, Any], path: str | Path | None = None, *, title: str = "") -> bytes:
+    """Reliability diagram (accuracy against confidence per bin, before and after temperature
+    scaling) and the risk-coverage curve of the conformal single-class answers."""
+    plt = _pyplot()
+    fig, (ax, rc) = plt.subplots(1, 2, figsize=(9.5, 4.2), dpi=110)
+    ax.plot([0, 1], [0, 1], color="0.6", lw=1, ls="--", label="perfectly calibrated")
+    for key, label, colour in (("reliability_before", "before", "tab:red"), ("reliability_after", "after", "tab:blue")):
+        bins = [b for b in report[key] if b["count"]]
+        stage = report["before" if key.endswith("before") else "after"]
+        ax.plot([b["confidence"] for b in bins], [b["accuracy"] for b in bins], "o-", color=colour, ms=4,
+                label=f"{label} (ECE {stage['ece']:.3f})")
+    ax.set_xlabel("confidence (top probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_title(f"temperature T = {report['temperature']:.2f}", fontsize=9)
+    ax.legend(fontsize=8, loc="upper left")
+    curve = [r for r in report["risk_coverage"] if r["single_set_accuracy"] is not None]
+    rc.plot([r["single_set_share"] for r in curve], [r["single_set_accuracy"] for r in curve], "o-", ms=4)
+    for r in curve:
+        rc.annotate(f"α={r['alpha']:g}", (r["single_set_share"], r["single_set_accuracy"]), fontsize=7,
+                    xytext=(3, 3), textcoords="offset points")
+    rc.set_xlabel("share of images answered with one class")
+    rc.set_ylabel("accuracy on them")
+    conf = report["conformal"]
+    rc.set_title(f"{report['score'].upper()} sets at α = {report['alpha']:g}: coverage {conf['coverage']:.3f}, "
+                 f"mean size {conf['mean_set_size']:.2f}", fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _finish(fig, path)

@@ -295,6 +295,12 @@ class MainJob:
         console.say(f"    model {meta.version}: accuracy {m.get('accuracy', float('nan')):.4f}, "
                     f"macro-F1 {m.get('macro_f1', float('nan')):.4f} on {m.get('num_examples', '?')} test images, "
                     f"{note}")
+        c = m.get("calibration")
+        if c:
+            conf = c["conformal"]
+            console.say(f"    calibrated on val: T {c['temperature']:.2f}, ECE {c['before']['ece']:.3f} -> "
+                        f"{c['after']['ece']:.3f}; {1 - c['alpha']:.0%} sets: coverage {conf['coverage']:.3f}, "
+                        f"one class {conf['single_set_share']:.0%}")
         self.notes.setdefault("model", meta.version)
         self.notes["accuracy"] = f"{m.get('accuracy', float('nan')):.4f}"
         lifecycle.pause_point("evaluation", console.say)

@@ -49,6 +49,7 @@ class Backend(Protocol):
     async def explain(self, data: bytes) -> dict: ...
     async def status(self) -> dict: ...
     async def model_info(self) -> dict | None: ...
+    async def model_card(self, fmt: str) -> dict | None: ...
 
 
 class ApiError(Exception):
@@ -442,6 +443,19 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
             raise ApiError(503, "not_ready", "no model loaded yet")
         metrics.set_model(info.get("model_name"), info.get("version"))
         return JSONResponse(info)
+
+    @app.get("/v1/models/current/card", responses={200: {"content": {"text/html": {}, "text/markdown": {}}},
+                                                   **ERROR_RESPONSES},
+             response_class=Response, summary="The served version's model card (HTML, or ?format=md)")
+    async def current_model_card(format: str = "html"):
+        if format not in ("html", "md"):
+            raise ApiError(400, "bad_format", f"format must be html or md, not {format!r}")
+        card = await call(backend.model_card(format))
+        if not card:
+            raise ApiError(404, "no_model_card", "the served version has no model card (registered before cards)")
+        media = "text/html; charset=utf-8" if format == "html" else "text/markdown; charset=utf-8"
+        return Response(card["text"], media_type=media,
+                        headers={"X-Bloodcnn-Model-Version": card["version"], "Cache-Control": "no-store"})
 
     @app.get("/healthz", summary="Liveness: the API process answers")
     async def healthz():

@@ -49,6 +49,9 @@ class _HandleBackend:
     async def model_info(self) -> dict | None:
         return await self.handle.model_info.remote()
 
+    async def model_card(self, fmt: str) -> dict | None:
+        return await self.handle.model_card.remote(fmt)
+
 
 @serve.deployment(name="APIIngress", max_ongoing_requests=128)
 @serve.ingress()

@@ -463,6 +463,16 @@ class BloodClassifier:
             "pid": os.getpid(),
         }
 
+    async def model_card(self, fmt: str = "html") -> dict | None:
+        """The served version's model card from the registry; None for a version without one."""
+        cur, s = self._current, self._settings
+        name = f"model_card.{'html' if fmt == 'html' else 'md'}"
+        if cur is None or s is None or name not in cur.meta.artifacts:
+            return None
+        registry = Registry(cur.source[0], cur.source[1], self._storage)
+        data = await asyncio.to_thread(registry.read_artifact, cur.version, name)
+        return {"version": cur.version, "text": data.decode()}
+
     async def model_info(self) -> dict | None:
         cur = self._current
         if cur is None:
@@ -484,6 +494,7 @@ class BloodClassifier:
             "loaded_at": cur.loaded_at,
             "uncertain_threshold": s.uncertain_threshold if s else None,
             "calibration": m.calibration.model_dump() if m.calibration else None,
+            "model_card": "v1/models/current/card" if "model_card.html" in m.artifacts else None,
             "uncertainty_rule": ("conformal" if m.calibration and s and s.uncertain_rule == "conformal"
                                  else "threshold"),
         }

@@ -77,22 +77,24 @@ def register_model(
     """Save ``model`` as .keras, register it (and promote it); returns the ModelMetadata."""
     from bloodcnn.registry import Registry
 
+    from bloodcnn import model_card
+
     reg = Registry(registry_uri, model_name, storage_config)
+    version = version or reg.new_version()
+    metadata = {
+        "dataset_version": "synthetic",
+        "class_names": class_names or CLASS_NAMES,
+        "image_size": int(model.input_shape[1]),
+        "metrics": metrics or {},
+        "config": {"note": "untrained model registered by serving.devtools"},
+        "calibration": calibration,
+    }
+    card_md, card_html = model_card.render({**metadata, "model_name": model_name, "version": version})
     with tempfile.TemporaryDirectory(prefix="bloodcnn-model-") as tmp:
         path = Path(tmp) / "model.keras"
         model.save(path)
-        meta = reg.register(
-            path,
-            {
-                "dataset_version": "synthetic",
-                "class_names": class_names or CLASS_NAMES,
-                "image_size": int(model.input_shape[1]),
-                "metrics": metrics or {},
-                "config": {"note": "untrained model registered by serving.devtools"},
-                "calibration": calibration,
-            },
-            version=version,
-        )
+        meta = reg.register(path, metadata, version=version,
+                            artifacts={"model_card.md": card_md, "model_card.html": card_html})
     if promote:
         reg.promote(meta.version)
     return meta

@@ -221,6 +221,17 @@ def test_models_current_health_docs(stack):
     assert {"multipart/form-data", "application/json"} <= set(body)
     nf = httpx.get(f"{stack.main}/v1/nope")
     assert nf.status_code == 404 and error_code(nf) == "not_found"
+    # the served version's model card, linked from /v1/models/current
+    assert info["model_card"] == "v1/models/current/card" and info["uncertainty_rule"] == "threshold"
+    card = httpx.get(f"{stack.main}/{info['model_card']}", timeout=30)
+    assert card.status_code == 200 and card.headers["content-type"].startswith("text/html")
+    assert card.headers["x-bloodcnn-model-version"] == info["version"]
+    assert f"Model card: bloodcnn {info['version']}" in card.text and "<h2>Intended use</h2>" in card.text
+    md = httpx.get(f"{stack.main}/{info['model_card']}", params={"format": "md"}, timeout=30)
+    assert md.text.startswith(f"# Model card: bloodcnn {info['version']}") and "## Known failure modes" in md.text
+    assert "no calibration" in md.text  # devtools versions have none: the card says the threshold rule rules
+    bad = httpx.get(f"{stack.main}/{info['model_card']}", params={"format": "pdf"}, timeout=30)
+    assert bad.status_code == 400 and error_code(bad) == "bad_format"
 
 
 def _samples(url: str) -> dict[str, float]:

@@ -93,8 +93,8 @@ def test_two_workers_survive_a_killed_worker_register_evaluate_and_rerun(
     assert meta.dataset_version == manifest.dataset_version
     assert meta.class_names == manifest.class_names and meta.image_size == 64
     assert meta.config["train"]["run_name"] == "two-workers" and meta.code_version
-    assert sorted(meta.artifacts) == ["confusion_matrix.png", "metrics.json", "reliability.png",
-                                      "training_curves.png"]
+    assert sorted(meta.artifacts) == ["confusion_matrix.png", "metrics.json", "model_card.html", "model_card.md",
+                                      "reliability.png", "training_curves.png"]
     # calibrated on the validation split, reported on the test split, stored with the version
     c = m["calibration"]
     assert c["fitted_on"] == "val" and c["calibration_examples"] == manifest.splits["val"].total
@@ -106,7 +106,11 @@ def test_two_workers_survive_a_killed_worker_register_evaluate_and_rerun(
     assert 0 <= c["conformal"]["coverage"] <= 1 and c["risk_coverage"]
     for name in meta.artifacts:
         data = storage.read_bytes(storage.join(reg.root, meta.version, name))
-        assert data[:4] == b"\x89PNG" or json.loads(data)["accuracy"] == m["accuracy"]
+        if name.startswith("model_card"):
+            assert f"Model card: {cfg.registry.model_name} {meta.version}".encode() in data
+            assert f"{m['accuracy']:.4f}".encode() in data and b"T = " in data
+        else:
+            assert data[:4] == b"\x89PNG" or json.loads(data)["accuracy"] == m["accuracy"]
     assert reg.production() == meta.version
 
     # checkpoints on S3: rank 0's model + state, each rank's worker record merged in one folder

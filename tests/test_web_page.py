@@ -33,7 +33,9 @@ def page_url(s3_server, weights_file):
     registry = f"s3://test/webpage-{os.urandom(3).hex()}/models"
     # an honest untrained head: probabilities near 0.25 each, so the page shows "uncertain"
     model = devtools.make_model(64, weights=str(weights_file), bias=[0.4, 0.1, 0, 0], kernel_scale=0.02, seed=7)
-    devtools.register_model(registry, model, version="page-v1")
+    # calibrated like a trained version: its answers carry a conformal prediction set
+    devtools.register_model(registry, model, version="page-v1", calibration={
+        "temperature": 1.0, "alpha": 0.01, "score": "lac", "qhat": 0.8, "calibration_examples": 500})
     cfg = load_config(environ={}, overrides={
         "registry": {"uri": registry},
         "serve": {"api_key_env": KEY_ENV, "num_cpus_per_replica": 0.5, "max_batch_size": 4,
@@ -95,9 +97,22 @@ def test_page_classifies_an_upload_with_gradcam(page_url, browser, tmp_path):
     assert sorted(rows.nth(i).get_attribute("data-class-name") for i in range(4)) == sorted(devtools.CLASS_NAMES)
     top_width = page.locator(".bar-row.top .bar-fill").evaluate("e => e.style.width")
     assert top_width == f"{expected['confidence'] * 100:.1f}%"
-    assert expected["uncertain"] is True
+    assert expected["uncertain"] is True and expected["uncertainty_rule"] == "conformal"
+    assert len(expected["prediction_set"]) > 1  # near 0.25 each: more than one class is plausible
+    assert page.locator("#set-line").is_visible()
+    assert page.locator("#pred-set").inner_text() == "{" + ", ".join(expected["prediction_set"]) + "}"
     assert page.locator("#uncertain").is_visible()
     assert "Refer to a specialist" in page.locator("#uncertain").inner_text()
+    assert "prediction set does not hold exactly one class" in page.locator("#uncertain").inner_text()
+    # the model card, behind the same key: the link opens it in a new tab
+    page.wait_for_selector("#card-link:not([hidden])", timeout=30_000)
+    with page.expect_popup() as popup:
+        page.click("#card-link")
+    card = popup.value
+    card.wait_for_load_state()
+    assert "Model card: bloodcnn page-v1" in card.locator("h1").inner_text()
+    assert "Research use only" in card.content()
+    card.close()
     size = page.locator("#gradcam").evaluate("img => [img.complete, img.naturalWidth, img.naturalHeight]")
     assert size == [True, 224, 224]
     assert page.locator("#status").inner_text() == "Done."

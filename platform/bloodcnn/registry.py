@@ -122,6 +122,12 @@ class Registry:
         self.store.write_bytes(self._uri(version, METADATA_FILE), meta.model_dump_json(indent=2).encode())
         return meta
 
+    def read_artifact(self, version: str, name: str) -> bytes:
+        """One file registered next to a version's model (metrics.json, model_card.html, ...)."""
+        if name not in self.get(version).artifacts:
+            raise RegistryError(f"model {self.model_name}/{version} has no artifact {name!r}")
+        return self.store.read_bytes(self._uri(version, name))
+
     def get(self, version: str) -> ModelMetadata:
         try:
             raw = self.store.read_bytes(self._uri(version, METADATA_FILE))

@@ -64,6 +64,23 @@
     }
   }
 
+  // The model card sits behind the same API key: fetched with it, shown from a blob URL.
+  async function showCardLink() {
+    const resp = await fetch("v1/models/current", { headers: headers() });
+    $("card-link").hidden = !(resp.ok && (await resp.json()).model_card);
+  }
+
+  $("card-link").addEventListener("click", async (event) => {
+    event.preventDefault();
+    const resp = await fetch("v1/models/current/card", { headers: headers() });
+    if (!resp.ok) {
+      showError(await errorMessage(resp));
+      return;
+    }
+    const url = URL.createObjectURL(new Blob([await resp.text()], { type: "text/html" }));
+    window.open(url, "_blank", "noopener");
+  });
+
   fileInput.addEventListener("change", () => {
     const file = fileInput.files[0];
     if (!file) return;
@@ -110,6 +127,7 @@
       $("uncertain").hidden = !r.uncertain;
       $("result-card").classList.toggle("is-uncertain", r.uncertain);
       $("model-version").textContent = r.model_version;
+      showCardLink();
       renderBars(r.probabilities, r["class"]);
       $("result-card").hidden = false;
 

@@ -522,6 +522,8 @@ def run_training(
              plan.run_name, fit_wall)
     stage("evaluation", {"run_name": plan.run_name})
 
+    from bloodcnn import model_card
+    from bloodcnn.data.reader import load_manifest
     from bloodcnn.train.evaluate import evaluate_model
     from bloodcnn.train.plots import confusion_matrix_png, reliability_png, training_curves_png
 
@@ -577,7 +579,13 @@ def run_training(
             "code_version": code_version(),
             "calibration": calib.model_dump() if calib else None,
         }
-        meta = registry.register(model_path, metadata, artifacts=artifacts)
+        version = registry.new_version()
+        card_md, card_html = model_card.render(
+            {**metadata, "model_name": registry.model_name, "version": version,
+             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
+            load_manifest(cfg.train.dataset, cfg.storage))
+        artifacts.update({"model_card.md": card_md, "model_card.html": card_html})
+        meta = registry.register(model_path, metadata, artifacts=artifacts, version=version)
     passed, reasons = gates_passed(report, cfg)
     promoted = False
     if cfg.registry.auto_promote and passed:

@@ -38,19 +38,23 @@ def _weed_binary() -> str:
     return found
 
 
-def _free_port() -> int:
-    """A free port whose +10000 gRPC twin is free too (SeaweedFS' default gRPC offset)."""
+def _free_port(taken: set[int] | None = None) -> int:
+    """A free port whose +10000 gRPC twin is free too (SeaweedFS' default gRPC offset). With
+    ``taken`` (the ports already chosen and their twins) neither may clash with those either:
+    weed mini refuses a port that is another component's gRPC twin. Adds both to ``taken``."""
+    taken = set() if taken is None else taken
     for _ in range(200):
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
-        if port + 10000 >= 65535:
+        if port + 10000 >= 65535 or port in taken or port + 10000 in taken:
             continue
         with socket.socket() as s2:
             try:
                 s2.bind(("127.0.0.1", port + 10000))
             except OSError:
                 continue
+        taken.update((port, port + 10000))
         return port
     raise RuntimeError("no free port pair for SeaweedFS")
 
@@ -107,7 +111,8 @@ class S3Server:
         }
         config_path.write_text(json.dumps({"identities": [identity]}))
         config_path.chmod(0o600)
-        ports = {name: _free_port() for name in ("master", "volume", "filer", "admin", "webdav")}
+        taken = {self.port, self.port + 10000}
+        ports = {name: _free_port(taken) for name in ("master", "volume", "filer", "admin", "webdav")}
         store = self.data_dir / "store"
         store.mkdir(exist_ok=True)
         cmd = [

@@ -76,7 +76,7 @@ EOF
   python3 -m venv /home/ray/venv
   # shellcheck disable=SC2086
   /home/ray/venv/bin/pip install -q --no-index --find-links /tmp/wheels ${BASE_PYTHON_TOOLS}
-  rm -rf /root/.cache /home/ray/.cache /tmp/wheels
+  rm -rf ~root/.cache ~ray/.cache /tmp/wheels  # in the chroot: its root and ray users
   chown -R 1000:100 /home/ray
   python3 --version && /home/ray/venv/bin/python -m pip --version && wget --version | head -1
 }

@@ -96,8 +96,11 @@ def reliability(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[s
     return {"ece": float(ece), "bins": rows}
 
 
-def calibration_metrics(probs: np.ndarray, labels: np.ndarray, bins: int = 15) -> dict[str, float]:
-    return {"ece": reliability(probs, labels, bins)["ece"], "nll": nll(probs, labels), "brier": brier(probs, labels)}
+def calibration_metrics(probs: np.ndarray, labels: np.ndarray, bins: int = 15,
+                        rel: dict[str, Any] | None = None) -> dict[str, float]:
+    """ECE, NLL and Brier score (``rel``: this ``reliability`` result, when already computed)."""
+    rel = rel or reliability(probs, labels, bins)
+    return {"ece": rel["ece"], "nll": nll(probs, labels), "brier": brier(probs, labels)}
 
 
 # --------------------------------------------------------------------------- conformal sets
@@ -177,12 +180,13 @@ def evaluate(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, l
     cal_scaled = apply_temperature(cal_probs, c.temperature)
     scaled = apply_temperature(probs, c.temperature)
     sets = prediction_sets(scaled, c.qhat, score)
+    rel_before, rel_after = reliability(probs, labels, bins), reliability(scaled, labels, bins)
     report = {
         **c.model_dump(),
-        "before": calibration_metrics(probs, labels, bins),
-        "after": calibration_metrics(scaled, labels, bins),
-        "reliability_before": reliability(probs, labels, bins)["bins"],
-        "reliability_after": reliability(scaled, labels, bins)["bins"],
+        "before": calibration_metrics(probs, labels, bins, rel_before),
+        "after": calibration_metrics(scaled, labels, bins, rel_after),
+        "reliability_before": rel_before["bins"],
+        "reliability_after": rel_after["bins"],
         "conformal": set_metrics(sets, scaled, labels),
         "risk_coverage": risk_coverage(cal_scaled, cal_labels, scaled, labels, score),
     }

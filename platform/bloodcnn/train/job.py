@@ -538,8 +538,9 @@ def run_training(
             model_path = tmp / "model.keras"
             model = export_inference_model(ckpt_model, plan, cfg, model_path)
             load_bar.update()
-        report, calib = evaluate_model(model, cfg, class_names=plan.class_names, progress=progress,
-                                       calibrate=True)
+        manifest = load_manifest(cfg.train.dataset, cfg.storage)  # for the evaluation and the model card
+        report, calib = evaluate_model(model, cfg, class_names=plan.class_names, manifest=manifest,
+                                       progress=progress, calibrate=True)
         history = state["history"]
         ips = [h["images_per_s"] for h in history if h.get("images_per_s")]
         steady = ips[1:] if len(ips) > 1 else ips
@@ -583,7 +584,7 @@ def run_training(
         card_md, card_html = model_card.render(
             {**metadata, "model_name": registry.model_name, "version": version,
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
-            load_manifest(cfg.train.dataset, cfg.storage))
+            manifest)
         artifacts.update({"model_card.md": card_md, "model_card.html": card_html})
         meta = registry.register(model_path, metadata, artifacts=artifacts, version=version)
     passed, reasons = gates_passed(report, cfg)

@@ -11,11 +11,14 @@ import imagehash
 import numpy as np
 import pytest
 from PIL import Image
+from scipy.sparse import coo_matrix
+from scipy.sparse.csgraph import connected_components
 
 from bloodcnn import storage
 from bloodcnn.data import reader
 from bloodcnn.data.manifest import DatasetError, Manifest, ShardChecksumError
 from bloodcnn.data.prepare import prepare_dataset
+from bloodcnn.data.split import grouped_stratified_split, near_duplicate_pairs
 from bloodcnn.data.synthetic import make_class_folders
 
 from conftest import DATASET, REPO, synthetic_config
@@ -271,7 +274,36 @@ def test_real_dataset_on_s3_has_3216_unique_images_and_no_leaks(s3_server, tmp_p
     assert len(pairs) >= 80  # SOURCE.md reports 84 near pairs (40 exact) with its own aHash resize
     crossing = [(sources[i], sources[j]) for i, j in pairs if split_of[sources[i]] != split_of[sources[j]]]
     assert not crossing, crossing[:5]
+    # the band index gives exactly the groups of the dense n x n matrix it replaced, hence the same split
+    images = sorted(m.images, key=lambda i: i.source)
+    keep = [sources.index(i.source) for i in images]
+    near = np.triu(dist[np.ix_(keep, keep)] <= 12, k=1)
+    _, dense_groups = connected_components(coo_matrix(near), directed=False)
+    assert [i.group for i in images] == dense_groups.tolist()
+    labels = np.array([i.label for i in images])
+    assert [i.split for i in images] == grouped_stratified_split(labels, dense_groups, cfg.data.split)
     counts = {s: sum(m.splits[s].counts.values()) for s in ("train", "val", "test")}
     assert abs(counts["test"] / 3216 - 0.15) < 0.01 and abs(counts["val"] / 3216 - 0.15) < 0.01
     total_read = sum(len(batch[0]) for batch in reader.make_dataset(out, "test", batch_size=64, image_size=64))
     assert total_read == counts["test"]
+
+
+@pytest.mark.parametrize("max_distance", [0, 3, 12, 40])
+def test_band_index_finds_exactly_the_pairs_of_the_dense_matrix(max_distance):
+    """Random 256-bit hashes with planted neighbours at distances around the limit."""
+    rng = np.random.default_rng(max_distance)
+    base = rng.random((150, 256)) < 0.5
+    planted = []
+    for k in range(150):
+        flips = rng.choice(256, size=int(rng.integers(0, max_distance + 4)), replace=False)
+        twin = base[k].copy()
+        twin[flips] ^= True
+        planted.append(twin)
+    bits = np.concatenate([base, np.stack(planted), np.zeros((3, 256), bool)])  # 3 identical all-zero hashes
+    b = bits.astype(np.int32)
+    dist = b.sum(1)[:, None] + b.sum(1)[None, :] - 2 * (b @ b.T)
+    dense = set(zip(*map(np.ndarray.tolist, np.nonzero(np.triu(dist <= max_distance, k=1)))))
+    found = near_duplicate_pairs(bits, max_distance)
+    assert len(found) == len(dense) and set(map(tuple, found.tolist())) == dense
+    assert len(dense) >= 3  # the all-zero triple at least; planted twins within reach too
+    assert near_duplicate_pairs(bits[:1], max_distance).shape == (0, 2)

@@ -3,7 +3,8 @@
 Why: this dataset holds byte-identical pairs and near-duplicates. Exact copies are collapsed
 to one image; near-duplicates (perceptual hash within ``near_duplicate_distance`` bits) are
 joined into groups with union-find (scipy's connected components), and a whole group always
-lands in one split. Groups are then dealt out per class, seeded, so every split keeps the
+lands in one split. Candidate pairs come from a pigeonhole band index (``near_duplicate_pairs``),
+so the cost grows with the number of images, not its square, and the groups stay exact. Groups are then dealt out per class, seeded, so every split keeps the
 class balance.
 """
 
@@ -43,17 +44,54 @@ def collapse_exact(entries: list[CatalogEntry]) -> tuple[list[CatalogEntry], lis
     return sorted(kept.values(), key=lambda e: e.source), dups
 
 
+def _pairs_sharing_a_key(keys: np.ndarray) -> np.ndarray:
+    """``[P, 2]`` index pairs (i < j) of the rows of ``keys`` (one bytes key per row) that are equal."""
+    order = np.argsort(keys, kind="stable")
+    sorted_keys = keys[order]
+    run = np.cumsum(np.r_[0, sorted_keys[1:] != sorted_keys[:-1]])  # run id of each sorted row
+    pairs = [np.empty((0, 2), dtype=np.int64)]
+    offset = 1
+    while offset < len(run):  # rows ``offset`` apart in the sorted order, still in one run
+        same = np.flatnonzero(run[offset:] == run[:-offset])
+        if not len(same):
+            break
+        a, b = order[same], order[same + offset]
+        pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
+        offset += 1
+    return np.concatenate(pairs)
+
+
+def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
+    """Every pair (i < j) of hashes within ``max_distance`` bits, exactly, without the n x n matrix.
+
+    Pigeonhole: cut the hash into ``max_distance + 1`` bands; two hashes that differ in at most
+    ``max_distance`` bits agree on at least one band. Pairs that share a band are candidates,
+    each then checked with its exact Hamming distance.
+    """
+    n, nbits = bits.shape
+    if n < 2:
+        return np.empty((0, 2), dtype=np.int64)
+    if max_distance >= nbits:  # every pair is within reach
+        i, j = np.triu_indices(n, k=1)
+        return np.stack([i, j], axis=1).astype(np.int64)
+    candidates = [np.empty((0, 2), dtype=np.int64)]
+    for band in np.array_split(np.arange(nbits), max_distance + 1):
+        keys = np.ascontiguousarray(np.packbits(bits[:, band], axis=1))
+        candidates.append(_pairs_sharing_a_key(keys.view(f"V{keys.shape[1]}").ravel()))
+    pairs = np.unique(np.concatenate(candidates), axis=0)
+    packed = np.packbits(bits, axis=1)
+    dist = np.bitwise_count(packed[pairs[:, 0]] ^ packed[pairs[:, 1]]).sum(axis=1)
+    return pairs[dist <= max_distance]
+
+
 def near_duplicate_groups(entries: list[CatalogEntry], max_distance: int) -> np.ndarray:
-    """Group ids from the Hamming-distance graph of the perceptual hashes."""
+    """Group ids: connected components of the graph of near-duplicate pairs."""
     n = len(entries)
     if n == 0:
         return np.zeros(0, dtype=np.int64)
-    bits = np.stack([e.ahash for e in entries]).astype(np.float32)
-    # Hamming distance for all pairs at once: d = |a| + |b| - 2 a.b
-    ones = bits.sum(axis=1)
-    dist = ones[:, None] + ones[None, :] - 2.0 * (bits @ bits.T)
-    rows, cols = np.nonzero(np.triu(dist <= max_distance + 0.5, k=1))
-    graph = coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n))
+    bits = np.stack([np.asarray(e.ahash, dtype=bool).ravel() for e in entries])
+    pairs = near_duplicate_pairs(bits, max_distance)
+    graph = coo_matrix((np.ones(len(pairs)), (pairs[:, 0], pairs[:, 1])), shape=(n, n))
     _, labels = connected_components(graph, directed=False)
     return labels
 

@@ -5,7 +5,8 @@
 the same four coroutines. Everything an untrusted client can send is bounded here, before a
 single pixel is decoded: content type, body size (Content-Length *and* bytes actually
 read), number of images, image format and pixel count (from the header). Every refusal is a
-JSON error ``{"error": {"code": ..., "message": ...}}`` with a 4xx status.
+JSON error ``{"error": {"code": ..., "message": ...}}`` with a 4xx status (``{"error": "..."}`` on
+the Open Inference Protocol routes under ``/v2``, which :mod:`serving.oip` adds to the same app).
 """
 
 from __future__ import annotations
@@ -46,6 +47,7 @@ CSP = ("default-src 'self'; img-src 'self' blob: data:; style-src 'self'; script
 
 class Backend(Protocol):
     async def predict(self, data: bytes) -> dict: ...
+    async def predict_pixels(self, x: Any) -> dict: ...  # one float32 (S, S, 3) model input (v2 FP32)
     async def explain(self, data: bytes) -> dict: ...
     async def status(self) -> dict: ...
     async def model_info(self) -> dict | None: ...
@@ -58,7 +60,16 @@ class ApiError(Exception):
         self.status, self.code, self.message, self.headers = status, code, message, headers
 
 
-def error_response(status: int, code: str, message: str, headers: dict | None = None) -> JSONResponse:
+def is_oip_path(path: str) -> bool:
+    """The Open Inference Protocol (v2) routes, whose errors are ``{"error": "message"}`` as its spec says."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def error_response(status: int, code: str, message: str, headers: dict | None = None,
+                   scope: dict | None = None) -> JSONResponse:
+    """The error body: ``{"error": {"code", "message"}}``, or the v2 shape on a v2 path (``scope``)."""
+    if scope is not None and is_oip_path(_relative_path(scope)):
+        return JSONResponse({"error": message}, status_code=status, headers=headers)
     return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
 
 
@@ -191,7 +202,7 @@ class GuardMiddleware:
                 self.metrics.errors.labels("unauthorized").inc()
                 resp = error_response(
                     401, "unauthorized", "missing or wrong API key: send X-API-Key or Authorization: Bearer",
-                    headers={"WWW-Authenticate": 'Bearer realm="bloodcnn"'},
+                    headers={"WWW-Authenticate": 'Bearer realm="bloodcnn"'}, scope=scope,
                 )
                 await resp(scope, receive, send_wrapper)
                 return
@@ -319,7 +330,9 @@ def _load_static() -> dict[str, tuple[bytes, str]]:
     return files
 
 
-def create_api(backend: Backend, settings: IngressSettings, api_key: str | None = None) -> FastAPI:
+def create_api(backend: Backend, settings: IngressSettings, api_key: str | None = None,
+               model_name: str = "bloodcnn") -> FastAPI:
+    """The app; ``model_name`` is the registry's model name, the one the v2 routes answer to."""
     metrics = Metrics()
     static = _load_static()
     app = FastAPI(
@@ -337,24 +350,24 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError):
         metrics.errors.labels(exc.code).inc()
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, request.scope)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         metrics.errors.labels(code).inc()
-        return error_response(exc.status_code, code, str(exc.detail))
+        return error_response(exc.status_code, code, str(exc.detail), scope=request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
         metrics.errors.labels("invalid_request").inc()
-        return error_response(422, "invalid_request", str(exc.errors())[:500])
+        return error_response(422, "invalid_request", str(exc.errors())[:500], scope=request.scope)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception):
         log.exception("unexpected error on %s", _relative_path(request.scope))
         metrics.errors.labels("internal_error").inc()
-        return error_response(500, "internal_error", "internal server error")
+        return error_response(500, "internal_error", "internal server error", scope=request.scope)
 
     async def call(coro: Awaitable[Any]) -> Any:
         try:
@@ -501,6 +514,11 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
         data, ctype = static[name]
         return Response(data, media_type=ctype, headers={"Cache-Control": "no-cache",
                                                          "X-Content-Type-Options": "nosniff"})
+
+    from serving.oip import add_oip_routes  # here: serving.oip builds on this module
+
+    add_oip_routes(app, backend=backend, settings=settings, metrics=metrics, call=call, check=check,
+                   model_name=model_name)
 
     # outside the routing and error handlers, so a 401 never reaches a route and every
     # status (including unhandled 500s) is counted

@@ -40,6 +40,9 @@ class _HandleBackend:
     async def predict(self, data: bytes) -> dict:
         return await self.handle.predict.remote(data)
 
+    async def predict_pixels(self, x) -> dict:
+        return await self.handle.predict_pixels.remote(x)
+
     async def explain(self, data: bytes) -> dict:
         return await self.handle.explain.remote(data)
 
@@ -59,8 +62,9 @@ class APIIngress:
     """HTTP front door. The FastAPI app is built in the replica (``__serve_build_asgi_app__``)
     so it can hold this replica's settings, API key and Prometheus registry."""
 
-    def __init__(self, classifier: DeploymentHandle, settings: dict):
+    def __init__(self, classifier: DeploymentHandle, settings: dict, model_name: str = "bloodcnn"):
         self.settings = IngressSettings.model_validate(settings)
+        self.model_name = model_name  # the name on the v2 (Open Inference Protocol) routes
         self.classifier = classifier
         set_max_pixels(self.settings.max_pixels)
         key = os.environ.get(self.settings.api_key_env, "").strip()
@@ -68,7 +72,7 @@ class APIIngress:
         log.info("APIIngress: API key auth is %s (variable %s)", "on" if key else "off", self.settings.api_key_env)
 
     def __serve_build_asgi_app__(self):
-        return create_api(_HandleBackend(self.classifier), self.settings, self._api_key)
+        return create_api(_HandleBackend(self.classifier), self.settings, self._api_key, model_name=self.model_name)
 
 
 def classifier_options(cfg: AppConfig) -> dict[str, Any]:
@@ -106,7 +110,8 @@ def build_app(cfg: AppConfig | None = None) -> serve.Application:
     classifier = BloodClassifier.options(**classifier_options(cfg)).bind(
         storage=cfg.storage.model_dump(), cache_dir=None
     )
-    return APIIngress.options(**ingress_options(cfg)).bind(classifier, ingress_settings(cfg).model_dump())
+    return APIIngress.options(**ingress_options(cfg)).bind(classifier, ingress_settings(cfg).model_dump(),
+                                                           cfg.registry.model_name)
 
 
 def app_builder(args: dict[str, Any] | None = None) -> serve.Application:

@@ -104,27 +104,11 @@ class LoadedModel:
 
 def answer(probs: np.ndarray, cur: LoadedModel, s: ClassifierSettings, batch_size: int = 1,
             first: bool = True) -> dict:
-    """One answer. A calibrated version's probabilities are temperature-scaled and carry a
-    conformal prediction set; under the conformal rule ``uncertain`` means the set does not
-    hold exactly one class. Versions from before calibration keep the threshold rule."""
-    probs = np.asarray(probs, dtype=np.float64)
-    c = cur.meta.calibration
-    pset = None
-    if c is not None:
-        probs = calibration.apply_temperature(probs[None], c.temperature)[0]
-        keep = calibration.prediction_sets(probs[None], c.qhat, c.score)[0]
-        pset = [name for name, k, _ in sorted(zip(cur.class_names, keep, probs), key=lambda t: -t[2]) if k]
-    top = int(np.argmax(probs))
-    rule = "conformal" if (pset is not None and s.uncertain_rule == "conformal") else "threshold"
-    uncertain = len(pset) != 1 if rule == "conformal" else bool(probs[top] < s.uncertain_threshold)
+    """One answer: :func:`bloodcnn.calibration.answer` (temperature, conformal set, uncertain
+    flag; shared with batch scoring) plus the version and forward pass that gave it."""
     return {
-        "class": cur.class_names[top],
-        "class_index": top,
-        "confidence": float(probs[top]),
-        "probabilities": {name: float(p) for name, p in zip(cur.class_names, probs)},
-        "prediction_set": pset,
-        "uncertain": uncertain,
-        "uncertainty_rule": rule,
+        **calibration.answer(probs, cur.class_names, cur.meta.calibration, s.uncertain_rule,
+                             s.uncertain_threshold),
         "model_version": cur.version,
         "batch_size": batch_size,
         "first_in_batch": first,
@@ -136,6 +120,13 @@ class _Item:
     x: np.ndarray  # float32 (S, S, 3) for the model that was current when decoded
     data: bytes  # the upload, in case a swap changed the input size meanwhile
     max_pixels: int
+
+
+def _wrong_size(cur: LoadedModel, shape: tuple) -> dict:
+    s = cur.image_size
+    return {"error": {"code": "invalid_shape", "status": 400, "message":
+                      f"model version {cur.version} takes pixels of shape [N, {s}, {s}, 3], "
+                      f"not [N, {', '.join(str(d) for d in shape)}]"}}
 
 
 def _warmup_sizes(max_batch_size: int) -> list[int]:
@@ -420,20 +411,36 @@ class BloodClassifier:
             return got
         return await self.infer_batch(_Item(x=got[1], data=data, max_pixels=self._settings.max_pixels))
 
+    async def predict_pixels(self, x: np.ndarray) -> dict:
+        """One image already in model-input form (float32 (S, S, 3), RGB 0..255, resized by the
+        client): the v2 API's FP32 input. Same batches as :meth:`predict`, without the decode."""
+        cur = await self._model_or_none()
+        if cur is None:
+            return self._not_ready()
+        x = np.asarray(x, dtype=np.float32)
+        if x.shape != (cur.image_size, cur.image_size, 3):
+            return _wrong_size(cur, x.shape)
+        return await self.infer_batch(_Item(x=x, data=b"", max_pixels=self._settings.max_pixels))
+
     @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def infer_batch(self, items: list[_Item]) -> list[dict]:
         cur = self._current  # the model this whole batch runs on, even if a swap happens now
-        xs = []
-        for it in items:
+        out: list[dict | None] = [None] * len(items)
+        xs, where = [], []
+        for i, it in enumerate(items):
             if it.x.shape[0] != cur.image_size:  # a swap changed the input size since decoding
+                if not it.data:  # client pixels (predict_pixels): nothing to decode again
+                    out[i] = _wrong_size(cur, it.x.shape)
+                    continue
                 it.x = preprocess(decode_image(it.data, it.max_pixels), cur.image_size)
             xs.append(it.x)
-        probs, tf_batch, first_part = await self._runner.run(cur, np.stack(xs))
-        s = self._settings
-        return [
-            answer(p, cur, s, batch_size=tf_batch, first=first_part and i == 0)
-            for i, p in enumerate(probs)
-        ]
+            where.append(i)
+        if xs:
+            probs, tf_batch, first_part = await self._runner.run(cur, np.stack(xs))
+            s = self._settings
+            for k, (i, p) in enumerate(zip(where, probs)):
+                out[i] = answer(p, cur, s, batch_size=tf_batch, first=first_part and k == 0)
+        return out
 
     async def explain(self, data: bytes) -> dict:
         """Grad-CAM overlay PNG plus the prediction for one image."""

@@ -4,8 +4,11 @@
 content types; images of every accepted and a few refused formats that are truncated, bit-flipped,
 or declare huge dimensions in their header; multipart bodies with odd parts; broken JSON, JSON of
 the wrong shape and broken base64; oversized bodies with and without Content-Length; and a few raw
-HTTP requests with lying or malformed framing. At least 1,000 of them go to ``/v1/predict`` and
-``/v1/explain`` (with the API key, so they reach the parsers). Expected: no 5xx and no hang, the
+HTTP requests with lying or malformed framing; for the Open Inference Protocol routes
+(``/v2/models/.../infer``, versioned or not, right or wrong model and version) also v2 requests with
+random tensor names, datatypes, shapes, data and outputs, and binary tensor data with lying
+``Inference-Header-Content-Length`` and element lengths. At least 1,000 of them go to
+``/v1/predict``, ``/v1/explain`` and the v2 infer routes (with the API key, so they reach the parsers). Expected: no 5xx and no hang, the
 proxy, ingress and classifier processes are the same ones afterwards (nothing crashed or was
 restarted), and their memory stays bounded. A second fuzz sends random paths, methods and
 credentials without the key: always 401 outside health/readiness and the static page.
@@ -138,7 +141,12 @@ class Case:
     raw: bytes | None = None  # a whole raw HTTP request, sent over a socket
 
 
-ROUTES = st.sampled_from(["/v1/predict", "/v1/explain"])
+#: "v2" stands for one of V2_ROUTES (drawn in cases()), so the three families get a third each
+ROUTES = st.sampled_from(["/v1/predict", "/v1/explain", "v2"])
+V2_INFER = "/v2/models/bloodcnn/infer"
+V2_ROUTES = st.sampled_from([V2_INFER, V2_INFER, V2_INFER, "/v2/models/bloodcnn/versions/f1/infer",
+                             "/v2/models/bloodcnn/versions/f1/infer", "/v2/models/bloodcnn/versions/f2/infer",
+                             "/v2/models/other/infer"])
 #: printable ASCII without surrounding blanks (httpx refuses to send a header value like " ")
 HEADER_TEXT = st.text(st.characters(min_codepoint=0x20, max_codepoint=0x7E), max_size=60).map(str.strip)
 CONTENT_TYPES = st.one_of(
@@ -277,8 +285,102 @@ def b64_items(draw):
 
 
 @st.composite
+def v2_tensor(draw) -> tuple[dict, bytes]:
+    """One v2 input tensor, right or wrong in every field; (tensor JSON, binary data for it or b"")."""
+    name = draw(st.sampled_from(["images", "images", "pixels", "pixels", "INPUT0", ""]))
+    datatype = draw(st.one_of(st.sampled_from(["BYTES", "FP32"] if name != "pixels" else ["FP32", "BYTES"]),
+                              st.sampled_from(["FP16", "INT8", "BOOL", "UINT8", "fp32"]), HEADER_TEXT))
+    n = draw(st.integers(0, MAX_IMAGES + 2))
+    side = draw(st.sampled_from([64, 64, 64, 1, 8, 0]))
+    real_shape = [n] if name != "pixels" else [n, side, side, 3]
+    shape = draw(st.one_of(st.just(real_shape), st.just(real_shape), st.lists(st.integers(-2, 70), max_size=5),
+                           JSON_VALUES))
+    tensor: dict = {"name": name, "datatype": datatype, "shape": shape}
+    binary = draw(st.booleans())
+    if name == "pixels" or datatype == "FP32":
+        rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+        count = n * side * side * 3 + draw(st.sampled_from([0, 0, 0, 1, -1]))
+        how = draw(st.sampled_from(["levels", "floats", "out_of_range", "nan"]))
+        values = rng.integers(0, 256, max(count, 0)).astype(np.float32) if how == "levels" else \
+            (rng.random(max(count, 0), dtype=np.float32) * 255)
+        if how == "out_of_range" and values.size:
+            values[rng.integers(0, values.size)] = draw(st.sampled_from([-1.0, 256.0, 1e30]))
+        if how == "nan" and values.size:
+            values[0] = np.nan
+        if binary:
+            blob = values.astype("<f4").tobytes()
+            tensor["parameters"] = {"binary_data_size": len(blob)}
+            return tensor, blob
+        data = values.tolist()
+        if draw(st.booleans()) and count == n * side * side * 3 and count:
+            data = values.reshape(n, side, side, 3).tolist()  # nested, as the spec allows
+        tensor["data"] = draw(st.one_of(st.just(data), st.just(data), JSON_VALUES)) if how != "nan" else data
+        return tensor, b""
+    if binary:
+        elems = [draw(hostile_images()) for _ in range(n)]
+        lies = [draw(st.sampled_from([0, 0, 0, 0, 1, -1, 10**6])) for _ in elems]  # element length - true length
+        blob = b"".join(struct.pack("<I", (len(e) + lie) % 2**32) + e for e, lie in zip(elems, lies))
+        tensor["parameters"] = {"binary_data_size": len(blob) + draw(st.sampled_from([0, 0, 0, 3, -2]))}
+        return tensor, blob
+    tensor["data"] = draw(st.one_of(st.lists(b64_items(), min_size=n, max_size=n), JSON_VALUES))
+    return tensor, b""
+
+
+@st.composite
+def v2_cases(draw, route: str) -> Case:
+    """A v2 inference request: JSON, or JSON header + binary tensor data, wrong in some way (or fine)."""
+    key = {"X-API-Key": API_KEY}
+    kind = draw(st.sampled_from(["v2_json", "v2_json", "v2_binary", "v2_binary", "v2_random", "v2_valid"]))
+    if kind == "v2_valid":  # well formed (the images may still be refused formats): the answer path too
+        elems = [draw(encoded_images()) for _ in range(draw(st.integers(1, MAX_IMAGES)))]
+        binary = draw(st.booleans())
+        tensor = {"name": "images", "datatype": "BYTES", "shape": [len(elems)]}
+        outputs = draw(st.lists(st.sampled_from(["probabilities", "class", "prediction_set", "uncertain"]),
+                                unique=True, max_size=4))
+        doc = {"id": draw(st.text(max_size=10)), "inputs": [tensor],
+               "outputs": [{"name": n, "parameters": {"binary_data": draw(st.booleans())}} for n in outputs]}
+        if binary:
+            tail = b"".join(struct.pack("<I", len(e)) + e for e in elems)
+            tensor["parameters"] = {"binary_data_size": len(tail)}
+            head = json.dumps(doc).encode()
+            return Case(kind, route, head + tail, {**key, "Inference-Header-Content-Length": str(len(head))})
+        tensor["data"] = [base64.b64encode(e).decode() for e in elems]
+        return Case(kind, route, json.dumps(doc).encode(), {**key, "Content-Type": "application/json"})
+    if kind == "v2_random":
+        doc = draw(st.one_of(JSON_VALUES, st.fixed_dictionaries({"inputs": JSON_VALUES}),
+                             st.fixed_dictionaries({"inputs": st.lists(st.fixed_dictionaries(
+                                 {"name": st.just("images"), "datatype": st.just("BYTES"), "shape": JSON_VALUES,
+                                  "data": JSON_VALUES, "parameters": JSON_VALUES}), max_size=2)})))
+        return Case(kind, route, json.dumps(doc).encode(), {**key, "Content-Type": "application/json"})
+    tensors = [draw(v2_tensor()) for _ in range(draw(st.sampled_from([1, 1, 1, 1, 0, 2])))]
+    doc: dict = {"inputs": [t for t, _ in tensors]}
+    if draw(st.booleans()):
+        doc["id"] = draw(st.one_of(st.text(max_size=20), JSON_VALUES))
+    if draw(st.booleans()):
+        names = st.sampled_from(["probabilities", "class", "prediction_set", "uncertain", "logits", ""])
+        doc["outputs"] = draw(st.lists(st.fixed_dictionaries({"name": names}, optional={
+            "parameters": st.one_of(st.fixed_dictionaries({"binary_data": st.one_of(st.booleans(), JSON_VALUES)}),
+                                    JSON_VALUES)}), max_size=5))
+    if draw(st.booleans()):
+        doc["parameters"] = draw(st.one_of(st.fixed_dictionaries({"binary_data_output": st.booleans()}), JSON_VALUES))
+    head = json.dumps(doc).encode()
+    tail = b"".join(blob for _, blob in tensors)
+    headers = {**key, "Content-Type": draw(st.sampled_from(["application/json", "application/octet-stream"]))}
+    if kind == "v2_binary" or tail:
+        declared = draw(st.one_of(st.just(str(len(head))), st.just(str(len(head))), st.just(str(len(head))),
+                                  st.integers(-5, len(head) + len(tail) + 5).map(str), HEADER_TEXT))
+        if declared:
+            headers["Inference-Header-Content-Length"] = declared
+    return Case(kind, route, head + tail, headers)
+
+
+@st.composite
 def cases(draw) -> Case:
     route = draw(ROUTES)
+    if route == "v2":
+        route = draw(V2_ROUTES)
+        if draw(st.integers(0, 2)):  # two thirds v2-shaped requests, a third the /v1 payloads below
+            return draw(v2_cases(route))
     kind = draw(st.sampled_from(["random_bytes", "multipart", "multipart_broken", "json_images", "json_random",
                                  "json_broken", "oversized", "raw"]))
     key = {"X-API-Key": API_KEY}
@@ -410,12 +512,21 @@ def send(client: httpx.Client, base: str, port: int, case: Case) -> tuple[int, h
     return r.status_code, r
 
 
-def _error_shape_ok(r: httpx.Response) -> bool:
+def _error_shape_ok(r: httpx.Response, v2: bool = False) -> bool:
+    """/v1: {"error": {"code", "message"}}; v2 routes: {"error": "message"}, as the protocol says."""
     try:
         body = r.json()
     except ValueError:
         return False
-    return set(body) == {"error"} and {"code", "message"} <= set(body["error"])
+    if not isinstance(body, dict) or set(body) != {"error"}:
+        return False
+    if v2:
+        return isinstance(body["error"], str) and bool(body["error"])
+    return isinstance(body["error"], dict) and {"code", "message"} <= set(body["error"])
+
+
+def family(route: str) -> str:
+    return "/v2 infer" if route.startswith("/v2/") else route
 
 
 # ------------------------------------------------------------------------------ tests
@@ -445,9 +556,13 @@ def test_fuzz_predict_and_explain_never_5xx_process_alive_memory_bounded(stack):
             if r is not None and status != 200:
                 # everything the API refuses is one JSON error shape (the HTTP server's own framing
                 # errors, from the raw cases, are plain text)
-                assert _error_shape_ok(r), (case.kind, status, r.text[:200])
+                assert _error_shape_ok(r, case.route.startswith("/v2/")), (case.kind, status, r.text[:200])
             if r is not None and status == 200:
-                if case.route == "/v1/predict":
+                if case.route.startswith("/v2/"):
+                    assert case.route in (V2_INFER, "/v2/models/bloodcnn/versions/f1/infer"), case.route
+                    head = r.content[:int(r.headers.get("inference-header-content-length", len(r.content)))]
+                    assert json.loads(head)["outputs"], r.content[:200]
+                elif case.route == "/v1/predict":
                     assert r.json()["results"]
                 else:
                     assert r.content[:8] == b"\x89PNG\r\n\x1a\n"
@@ -470,7 +585,7 @@ def test_fuzz_predict_and_explain_never_5xx_process_alive_memory_bounded(stack):
     total = sum(stats.values())
     by_route, by_kind = Counter(), Counter()
     for (route, kind), n in stats.items():
-        by_route[route] += n
+        by_route[family(route)] += n
         by_kind[kind] += n
     figures = {
         "requests": total, "seconds": round(elapsed, 1), "by_route": dict(by_route), "by_kind": dict(by_kind),
@@ -482,7 +597,7 @@ def test_fuzz_predict_and_explain_never_5xx_process_alive_memory_bounded(stack):
     }
     print("fuzz figures:", json.dumps(figures))
     assert bad == []
-    assert total >= 1000 and min(by_route.values()) >= 300, figures
+    assert total >= 1000 and len(by_route) == 3 and min(by_route.values()) >= 250, figures
     assert sum(n for s, n in statuses.items() if s >= 500) == 0
     # still alive: the same processes (nothing crashed and was restarted) and still answering
     assert after == procs, (procs, after)
@@ -498,12 +613,16 @@ PUBLIC = {"/healthz", "/readyz", "/", "/index.html", "/favicon.ico"}
 @st.composite
 def unauthenticated_requests(draw):
     segment = st.sampled_from(["v1", "predict", "explain", "models", "current", "metrics", "docs", "openapi.json",
-                               "healthz", "readyz", "static", "app.js", "..", ".", "", "%2e%2e", "%2F", "index.html"])
+                               "healthz", "readyz", "static", "app.js", "..", ".", "", "%2e%2e", "%2F", "index.html",
+                               "v2", "health", "live", "ready", "bloodcnn", "versions", "f1", "infer"])
     if draw(st.booleans()):
         path = "/" + "/".join(draw(st.lists(segment, min_size=1, max_size=5)))
     else:
         path = draw(st.sampled_from(["/v1/predict", "/v1/explain", "/v1/models/current", "/metrics", "/docs",
-                                     "/openapi.json", "/v1/predict/", "/V1/predict", "/metrics/"]))
+                                     "/openapi.json", "/v1/predict/", "/V1/predict", "/metrics/", "/v2",
+                                     "/v2/health/live", "/v2/health/ready", "/v2/models/bloodcnn",
+                                     "/v2/models/bloodcnn/ready", "/v2/models/bloodcnn/infer",
+                                     "/v2/models/bloodcnn/versions/f1/infer", "/V2/health/live"]))
     method = draw(st.sampled_from(["GET", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "HEAD"]))
     headers = {}
     cred = draw(st.sampled_from(["none", "x-api-key", "bearer", "basic", "both_wrong", "near"]))
@@ -562,6 +681,8 @@ def test_no_credentials_in_serve_logs_metrics_or_errors(stack):
                    content=b"{", timeout=30),
         httpx.post(f"{base}/v1/predict", headers={"X-API-Key": API_KEY + "x"}, json={"images": []}, timeout=30),
         httpx.get(f"{base}/v1/models/current", headers={"Authorization": f"Basic {API_KEY}"}, timeout=30),
+        httpx.post(f"{base}/v2/models/bloodcnn/infer", headers={"X-API-Key": API_KEY}, content=b"{", timeout=30),
+        httpx.get(f"{base}/v2/models/bloodcnn", headers={"X-API-Key": API_KEY[:-1]}, timeout=30),
     ]
     info = httpx.get(f"{base}/v1/models/current", headers={"X-API-Key": API_KEY}, timeout=30)
     assert info.status_code == 200

@@ -191,3 +191,32 @@ def evaluate(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, l
         "risk_coverage": risk_coverage(cal_scaled, cal_labels, scaled, labels, score),
     }
     return c, report
+
+
+# --------------------------------------------------------------------------- one answer
+def answer(probs: np.ndarray, class_names: list[str], calibration: Calibration | None,
+           uncertain_rule: str = "conformal", uncertain_threshold: float = 0.6) -> dict[str, Any]:
+    """One image's answer from the model's probabilities; serving and batch scoring share it so
+    both say the same. A calibrated version's probabilities are temperature-scaled and carry a
+    conformal prediction set (classes by falling probability); under the conformal rule
+    ``uncertain`` means the set does not hold exactly one class. Versions from before
+    calibration (``calibration`` None) keep the threshold rule and have no set."""
+    probs = np.asarray(probs, dtype=np.float64)
+    c = calibration
+    pset = None
+    if c is not None:
+        probs = apply_temperature(probs[None], c.temperature)[0]
+        keep = prediction_sets(probs[None], c.qhat, c.score)[0]
+        pset = [name for name, k, _ in sorted(zip(class_names, keep, probs), key=lambda t: -t[2]) if k]
+    top = int(np.argmax(probs))
+    rule = "conformal" if (pset is not None and uncertain_rule == "conformal") else "threshold"
+    uncertain = len(pset) != 1 if rule == "conformal" else bool(probs[top] < uncertain_threshold)
+    return {
+        "class": class_names[top],
+        "class_index": top,
+        "confidence": float(probs[top]),
+        "probabilities": {name: float(p) for name, p in zip(class_names, probs)},
+        "prediction_set": pset,
+        "uncertain": uncertain,
+        "uncertainty_rule": rule,
+    }

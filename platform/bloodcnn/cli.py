@@ -77,6 +77,23 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_predict(args: argparse.Namespace) -> int:
+    from bloodcnn.batch_predict import PredictError, predict_command
+    from bloodcnn.registry import RegistryError
+    from bloodcnn.storage import StorageError
+
+    try:
+        cfg = _config(args)
+        predict_command(cfg, input_uri=args.input, output=args.output, model=args.model, batch_size=args.batch_size,
+                        actors=args.actors, log_file=args.log_file, verbose=args.verbose,
+                        progress=not args.no_progress)
+    except (ConfigError, PredictError, RegistryError, StorageError) as exc:
+        # caught here, not by main(): its error list imports TensorFlow, which logs a line to stderr
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def _registry(cfg: AppConfig):
     from bloodcnn.registry import Registry
 
@@ -138,6 +155,18 @@ def build_parser() -> argparse.ArgumentParser:
     p = add(sub, "evaluate", cmd_evaluate, "evaluate a registered model on the test split")
     p.add_argument("--model", required=True, help="version, 'production', 'latest' or a .keras path/URI")
     p.add_argument("--output", default=None, help="folder or s3:// prefix for metrics.json and plots")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    p = add(sub, "predict", cmd_predict, "score a folder or s3:// prefix of images with a registered model on Ray "
+                                         "Data, into one Parquet file (on $RAY_ADDRESS, else on a local Ray)")
+    p.add_argument("--input", required=True, help="folder (recursive) or s3://bucket/prefix of images")
+    p.add_argument("--output", required=True, help="the .parquet file to write, local or s3://; replaced atomically")
+    p.add_argument("--model", default="production", help="'production' (default), 'latest' or a version")
+    p.add_argument("--batch-size", type=int, default=32, help="images per model call (default 32)")
+    p.add_argument("--actors", type=int, default=2, help="model replicas in the actor pool (default 2)")
+    p.add_argument("--log-file", default="out/predict/predict.log",
+                   help="where TensorFlow's, Ray's and S3's output goes (default out/predict/predict.log)")
+    p.add_argument("--verbose", action="store_true", help="show the log on the terminal too")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
     models = sub.add_parser("models", help="model registry").add_subparsers(dest="models_command", required=True)

@@ -443,13 +443,17 @@ def add_oip_routes(app: FastAPI, *, backend: Any, settings: IngressSettings, met
         return ApiError(404, "unknown_version",
                         f"model {model_name} version {version[:100]!r} is not served; the served version is {served!r}")
 
-    async def model_ready(name: str, version: str | None) -> Response:
-        known(name)
+    async def require_ready(version: str | None) -> None:
+        """503 while no model is ready; 404 when ``version`` is given and is not the one served."""
         ok, st, why = await ready_status()
         if not ok:
             raise ApiError(503, "not_ready", f"model {model_name} is not ready: {why}")
         if version is not None and version != st.get("model_version"):
             raise unserved(version, st.get("model_version"))
+
+    async def model_ready(name: str, version: str | None) -> Response:
+        known(name)
+        await require_ready(version)
         return Response(status_code=200)
 
     async def model_metadata(name: str, version: str | None) -> JSONResponse:
@@ -491,11 +495,7 @@ def add_oip_routes(app: FastAPI, *, backend: Any, settings: IngressSettings, met
     async def infer(request: Request, name: str, version: str | None) -> Response:
         known(name)
         if version is not None:
-            ok, st, why = await ready_status()
-            if not ok:
-                raise ApiError(503, "not_ready", f"model {model_name} is not ready: {why}")
-            if version != st.get("model_version"):
-                raise unserved(version, st.get("model_version"))
+            await require_ready(version)
         encoding = request.headers.get("content-encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             raise ApiError(415, "unsupported_content_encoding",

@@ -5,18 +5,23 @@
 What it does, all in one command so the figures are comparable:
 
 1. starts a local SeaweedFS S3, builds the 224 px MobileNetV2 classifier with the shared
-   ImageNet weights (no training: the head is random) and registers + promotes it;
-2. (a) the ceiling: the compiled, batched ``tf.function`` in this process at batch 32 on
-   pre-resized images (measured before and again after the batched runs; the goal uses the
-   higher figure, since the machine may be shared);
-3. starts Ray + Serve, deploys ``serving.app`` and measures the cold start (deploy call ->
-   first successful prediction), then drives ``POST /v1/predict`` (one JPEG from the dataset
-   per request, multipart) at each concurrency with a closed-loop load generator (threads,
-   one keep-alive connection each);
+   ImageNet weights (no training: the head is random), registers + promotes it, and exports
+   its OpenVINO artifact with the precision gate (on the benchmark's images, labelled by the
+   Keras model, so a precision passes only if it changes no answer);
+2. (a) the TensorFlow ceiling: the compiled ``tf.function`` in this process at batch 32 on
+   pre-resized images; (a') the chosen runtime's ceiling, its predictor loaded as a replica
+   loads it, at batch 32 (both measured before and after the served runs; goals use the higher);
+3. starts Ray + Serve and deploys ``serving.app`` three times: APIIngress -> BloodClassifier on
+   ``serve.runtime: tensorflow`` (today's path), the same on ``auto`` (OpenVINO, two hops), and
+   ``serve.ingress: colocated`` on ``auto`` (BloodService, one hop: the new path), each driven
+   with ``POST /v1/predict`` (one JPEG from the
+   dataset per request, multipart) at each concurrency by a closed-loop load generator
+   (threads, one keep-alive connection each);
 4. (b) the naive baseline: a separate Serve app, one FastAPI deployment that decodes the
    upload and calls ``model.predict`` per request (no batching), under the same load;
-5. prints markdown rows for docs/benchmarks.md and checks the goals at the top concurrency
-   (throughput >= 0.8 x (a) and >= 2 x (b); p99 <= 1.5 s).
+5. prints markdown rows for docs/benchmarks.md and writes ``bench/results/serve.json`` with
+   the goals at the top concurrency: served_over_tf_ceiling, served_over_runtime_ceiling,
+   p99_ms, failed_requests, served_over_naive.
 
 The load generator runs on the same machine, so it competes with the server for CPU.
 """
@@ -28,10 +33,11 @@ import json
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, dataset_jpegs, multipart_bodies, percentile
+from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, dataset_jpegs, goal, multipart_bodies, percentile, write_result
 
 
 def load(url: str, ctype: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
@@ -168,46 +174,107 @@ def wait_first_prediction(url: str, ctype: str, body: bytes, timeout: float = 30
     raise TimeoutError(f"no successful prediction from {url} within {timeout}s")
 
 
+def runtime_ceiling(loaded, images_224, seconds: float, batch: int = 32) -> dict:
+    """(a') the chosen runtime's predictor (as a replica loads it) in this process, batch 32."""
+    import numpy as np
+
+    x = np.stack([images_224[i % len(images_224)] for i in range(batch)])
+    loaded.predictor.predict(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        loaded.predictor.predict(x)
+        n += batch
+    return {"runtime": loaded.runtime, "ips": n / (time.perf_counter() - t0)}
+
+
+def cpu_seconds(pid: int) -> float:
+    """user + system CPU seconds of one process (its threads included), from /proc."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def serve_levels(name: str, url: str, ctype: str, bodies: list[bytes], args, app: str = "bloodcnn") -> list[dict]:
+    """Each concurrency level, with the CPU each process spent per request (the load generator,
+    this process, is "client"); the CPU window holds the warm-up too, so requests are counted at
+    the measured rate over warm-up plus duration."""
+    from serving import devtools
+
+    rows = []
+    for c in args.concurrency:
+        pids = {**devtools.serve_processes(app), "client": os.getpid()}
+        before = {k: cpu_seconds(p) for k, p in pids.items()}
+        r = load(url, ctype, bodies, c, args.duration, args.warmup)
+        after = {k: cpu_seconds(p) for k, p in pids.items()}
+        served = max(1.0, r["rps"] * (args.warmup + args.duration))  # the window holds the warm-up too
+        r["cpu_ms_per_request"] = {k: round(1000 * (after[k] - before[k]) / served, 2) for k in pids}
+        r["loadavg_1m_after"] = os.getloadavg()[0]
+        rows.append(r)
+        print(f"  {name:<10} c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']*1000:7.0f} ms  "
+              f"p99 {r['p99']*1000:7.0f} ms  errors {r['errors']}  CPU ms/req {r['cpu_ms_per_request']}",
+              flush=True)
+    return rows
+
+
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--duration", type=float, default=20.0, help="measured seconds per concurrency level")
     ap.add_argument("--warmup", type=float, default=3.0, help="unmeasured seconds before each level")
     ap.add_argument("--concurrency", type=int, nargs="+", default=[1, 8, 32])
     ap.add_argument("--naive-concurrency", type=int, nargs="+", default=None,
-                    help="levels for the naive service (default: same as --concurrency)")
+                    help="levels for the naive baseline (default: --concurrency)")
     ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument("--kernel-scale", type=float, default=0.05,
+                    help="std of the random head's weights: 0.05 gives near-ties (the hardest case for bf16's "
+                         "gate), 1.0 answers as confidently as a trained model")
     ap.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of JPEGs (searched recursively)")
     ap.add_argument("--replicas", type=int, default=1, help="BloodClassifier replicas (min = max)")
     ap.add_argument("--max-batch-size", type=int, default=32)
     ap.add_argument("--batch-wait-s", type=float, default=0.02)
     ap.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
+    ap.add_argument("--no-write", action="store_true", help="do not write bench/results/serve.json")
     args = ap.parse_args(argv)
+
+    import numpy as np
 
     from bloodcnn import storage
     from bloodcnn.inference import load_for_model
+    from bloodcnn.openvino_runtime import export
+    from bloodcnn.registry import Registry
     from bloodcnn.s3server import S3Server
     from serving import devtools
+    from bloodcnn.loaded_model import load_version
 
-    raw_images = dataset_jpegs(args.images)
+    raw_images, labels = dataset_jpegs(args.images), None
     if not raw_images:
         print(f"no JPEGs under {args.images}", file=sys.stderr)
         return 2
     ctype, bodies = multipart_bodies(raw_images)
 
     results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "args": vars(args)}
-    with S3Server(buckets=("bloodcnn",)) as s3:
+    with S3Server(buckets=("bloodcnn",)) as s3, tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         os.environ.update(s3.env())
         storage._s3_store.cache_clear()
         registry_uri = "s3://bloodcnn/models"
-        model = devtools.make_model(224, weights=args.weights, kernel_scale=0.05, seed=1)
+        model = devtools.make_model(224, weights=args.weights, kernel_scale=args.kernel_scale, seed=1)
         meta = devtools.register_model(registry_uri, model, version="bench-224")
-        print(f"registered {meta.model_name}/{meta.version} ({meta.image_size} px) in {registry_uri}", flush=True)
-
+        registry = Registry(registry_uri, "bloodcnn")
         images_224 = [load_for_model(b, 224)[0] for b in raw_images]
-        print("measuring (a): in-process tf.function at batch 32 ...", flush=True)
+        # the export's gate on these images, labelled by the Keras model itself: a precision passes
+        # only if it changes no answer (a random head is close to ties, the hardest case for bf16)
+        x = np.stack(images_224)
+        labels = model.predict(x, verbose=0).argmax(1)
+        info = export(model, 224, [(x[i:i + 32], labels[i:i + 32]) for i in range(0, len(x), 32)], Path(tmp))
+        registry.set_runtime(meta.version, info, Path(tmp))
+        results["export"] = info.model_dump()
+        print(f"registered {meta.model_name}/{meta.version} (224 px); OpenVINO export: {info.reason}", flush=True)
+        loaded = load_version(registry, meta.version, Path(tmp) / "cache", 32, (registry_uri, "bloodcnn"))
+
+        print("measuring (a) TensorFlow and (a') the chosen runtime in-process at batch 32 ...", flush=True)
         results["ceiling"] = ceiling(model, images_224, seconds=10.0)
+        results["runtime_ceiling"] = runtime_ceiling(loaded, images_224, seconds=10.0)
         results["ceiling"]["loadavg_1m_after"] = os.getloadavg()[0]
-        print(f"  {results['ceiling']}", flush=True)
+        print(f"  {results['ceiling']}\n  {results['runtime_ceiling']}", flush=True)
 
         import ray
         from ray import serve
@@ -223,100 +290,98 @@ def main(argv: list[str] | None = None) -> int:
         port = devtools.free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         base = f"http://127.0.0.1:{port}"
-        cfg = load_config(overrides={
-            "registry": {"uri": registry_uri},
-            "serve": {
-                "port": port, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
-                "autoscaling": {"min_replicas": args.replicas, "max_replicas": args.replicas},
-            },
-        })
-        t0 = time.perf_counter()
-        serve.run(build_app(cfg), name="bloodcnn", route_prefix="/")
-        t_deployed = time.perf_counter()
-        t_first = wait_first_prediction(f"{base}/v1/predict", ctype, bodies[0])
-        results["cold_start_s"] = t_first - t0
-        results["deploy_s"] = t_deployed - t0
-        print(f"cold start: deploy -> first prediction {results['cold_start_s']:.1f}s "
-              f"(serve.run returned after {results['deploy_s']:.1f}s)", flush=True)
-
-        results["batched"] = []
-        for c in args.concurrency:
-            r = load(f"{base}/v1/predict", ctype, bodies, c, args.duration, args.warmup)
-            r["loadavg_1m_after"] = os.getloadavg()[0]
-            results["batched"].append(r)
-            print(f"  batched  c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']*1000:7.0f} ms  "
-                  f"p99 {r['p99']*1000:7.0f} ms  errors {r['errors']}", flush=True)
-        metrics = __import__("httpx").get(f"{base}/metrics").text
-        results["batch_size_sum_count"] = [
-            line for line in metrics.splitlines() if line.startswith("bloodcnn_batch_size_") and "bucket" not in line
-        ]
-        serve.delete("bloodcnn")
-        # the machine may be shared: measure the ceiling again and hold the service to the higher one
-        print("measuring (a) again after the batched runs ...", flush=True)
-        again = ceiling(model, images_224, seconds=10.0)
-        again["loadavg_1m_after"] = os.getloadavg()[0]
-        results["ceiling_after"] = again
-        print(f"  {again}", flush=True)
-        del model
+        paths = (("tensorflow", "separate", "tensorflow"), ("two_hops", "separate", "auto"),
+                 ("served", "colocated", "auto"))
+        for key, ingress, runtime in paths:
+            cfg = load_config(overrides={
+                "registry": {"uri": registry_uri},
+                "serve": {
+                    "port": port, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+                    "autoscaling": {"min_replicas": args.replicas, "max_replicas": args.replicas},
+                    "runtime": runtime, "ingress": ingress,
+                },
+            })
+            t0 = time.perf_counter()
+            serve.run(build_app(cfg), name="bloodcnn", route_prefix="/")
+            t_first = wait_first_prediction(f"{base}/v1/predict", ctype, bodies[0])
+            results[f"{key}_cold_start_s"] = t_first - t0
+            on = __import__("httpx").get(f"{base}/v1/models/current", timeout=30).json()["runtime"]
+            print(f"serve.ingress {ingress}, serve.runtime {runtime}: serving on {on}, deploy -> first prediction "
+                  f"{t_first - t0:.1f}s", flush=True)
+            results[f"{key}_runtime"] = on
+            results[key] = serve_levels(key, f"{base}/v1/predict", ctype, bodies, args)
+            metrics = __import__("httpx").get(f"{base}/metrics").text
+            results[f"{key}_batch_size_sum_count"] = [
+                line for line in metrics.splitlines()
+                if line.startswith("bloodcnn_batch_size_") and "bucket" not in line
+            ]
+            serve.delete("bloodcnn")
+        # the machine may be shared: measure the ceilings again and hold the service to the higher
+        print("measuring (a) and (a') again after the served runs ...", flush=True)
+        results["ceiling_after"] = ceiling(model, images_224, seconds=10.0)
+        results["runtime_ceiling_after"] = runtime_ceiling(loaded, images_224, seconds=10.0)
+        results["ceiling_after"]["loadavg_1m_after"] = os.getloadavg()[0]
+        print(f"  {results['ceiling_after']}\n  {results['runtime_ceiling_after']}", flush=True)
+        del model, loaded
 
         serve.run(naive_app(registry_uri, "bloodcnn"), name="naive", route_prefix="/naive")
         wait_first_prediction(f"{base}/naive", ctype, bodies[0])
-        results["naive"] = []
-        for c in args.naive_concurrency or args.concurrency:
-            r = load(f"{base}/naive", ctype, bodies, c, args.duration, args.warmup)
-            r["loadavg_1m_after"] = os.getloadavg()[0]
-            results["naive"].append(r)
-            print(f"  naive    c={c:<3d} {r['rps']:7.1f} req/s  p50 {r['p50']*1000:7.0f} ms  "
-                  f"p99 {r['p99']*1000:7.0f} ms  errors {r['errors']}", flush=True)
+        results["naive"] = serve_levels("naive", f"{base}/naive", ctype, bodies,
+                                        argparse.Namespace(**{**vars(args), "concurrency":
+                                                              args.naive_concurrency or args.concurrency}))
         serve.shutdown()
         ray.shutdown()
 
-    report(results, args)
+    goals = report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
+    if not args.no_write and goals:
+        out = write_result("serve", "python bench/serve_load.py " + " ".join(sys.argv[1:]), goals, figures=results)
+        print(f"wrote {out}")
     return 0
 
 
-def report(results: dict, args) -> None:
-    ceilings = [results["ceiling"]] + ([results["ceiling_after"]] if "ceiling_after" in results else [])
-    ceil = max(c["tf_function_ips"] for c in ceilings)
+def report(results: dict, args) -> dict:
+    """Markdown rows for docs/benchmarks.md; returns the goals at the top concurrency."""
+    ceil = max(results["ceiling"]["tf_function_ips"], results["ceiling_after"]["tf_function_ips"])
+    rceil = max(results["runtime_ceiling"]["ips"], results["runtime_ceiling_after"]["ips"])
     top = max(args.concurrency)
-    batched = {r["concurrency"]: r for r in results["batched"]}
-    naive = {r["concurrency"]: r for r in results["naive"]}
+    rows = {name: {r["concurrency"]: r for r in results[name]} for name in ("tensorflow", "two_hops", "served", "naive")}
     cmd = "python bench/serve_load.py " + " ".join(sys.argv[1:])
     print()
     print(f"Command: `{cmd.strip()}` ({results['cpus']} CPUs, 224 px MobileNetV2, one JPEG per request)")
     print()
     print("| service | concurrency | req/s | p50 (ms) | p99 (ms) | errors | load avg |")
     print("|---|---|---|---|---|---|---|")
-    for when, c in zip(("before", "after"), ceilings):
-        print(f"| (a) in-process batched tf.function, batch 32 (ceiling, {when}) | - | {c['tf_function_ips']:.1f} img/s"
+    for when, c, r in (("before", results["ceiling"], results["runtime_ceiling"]),
+                       ("after", results["ceiling_after"], results["runtime_ceiling_after"])):
+        print(f"| (a) in-process tf.function, batch 32 ({when}) | - | {c['tf_function_ips']:.1f} img/s"
               f" | - | - | - | {c.get('loadavg_1m_after', float('nan')):.1f} |")
-    print(f"| in-process model.predict, 1 image | - | {results['ceiling']['model_predict_1_ips']:.1f} img/s"
-          " | - | - | - | |")
-    for name, rows in (("bloodcnn Serve app (batched)", batched), ("(b) naive model.predict per request", naive)):
-        for c, r in sorted(rows.items()):
+        print(f"| (a') in-process {r['runtime']}, batch 32 ({when}) | - | {r['ips']:.1f} img/s | - | - | - | |")
+    names = {"tensorflow": f"APIIngress -> BloodClassifier on {results['tensorflow_runtime']} (today's path)",
+             "two_hops": f"APIIngress -> BloodClassifier on {results['two_hops_runtime']}",
+             "served": f"BloodService (one hop) on {results['served_runtime']} (the new path)",
+             "naive": "(b) naive model.predict per request"}
+    for key, name in names.items():
+        for c, r in sorted(rows[key].items()):
             errs = sum(r["errors"].values())
             print(f"| {name} | {c} | {r['rps']:.1f} | {r['p50']*1000:.0f} | {r['p99']*1000:.0f} | {errs} "
                   f"| {r.get('loadavg_1m_after', float('nan')):.1f} |")
-    print(f"| cold start (deploy -> first prediction) | - | {results['cold_start_s']:.1f} s | - | - | - | |")
     print()
-    print("load avg: 1-minute load average after each phase (2 = both cores busy with this benchmark alone).")
-    print()
-    if top in batched and top in naive:
-        b, n = batched[top], naive[top]
-        goals = [
-            (f"throughput >= 0.8 x ceiling (higher of the two: {0.8 * ceil:.1f})", b["rps"] >= 0.8 * ceil,
-             f"{b['rps'] / ceil:.2f} x"),
-            (f"throughput >= 2 x naive ({2 * n['rps']:.1f})", b["rps"] >= 2 * n["rps"], f"{b['rps'] / max(n['rps'], 1e-9):.2f} x"),
-            ("p99 <= 1.5 s", b["p99"] <= 1.5, f"{b['p99']:.2f} s"),
-            ("no failed requests", not b["errors"], str(b["errors"] or 0)),
-        ]
-        print(f"Goals at concurrency {top}:")
-        for text, ok, value in goals:
-            print(f"- [{'x' if ok else ' '}] {text}: {value}")
-    for line in results.get("batch_size_sum_count", []):
-        print(f"  {line}")
+    if top not in rows["served"] or top not in rows["naive"]:
+        return {}
+    b, n = rows["served"][top], rows["naive"][top]
+    goals = {
+        "served_over_tf_ceiling": goal(round(b["rps"] / ceil, 3), ">= 1.0"),
+        "served_over_runtime_ceiling": goal(round(b["rps"] / rceil, 3), ">= 0.6"),
+        "p99_ms": goal(round(b["p99"] * 1000, 1), "<= 1000"),
+        "failed_requests": goal(sum(b["errors"].values()), "== 0"),
+        "served_over_naive": goal(round(b["rps"] / max(n["rps"], 1e-9), 2), ">= 5"),
+    }
+    print(f"Goals at concurrency {top}:")
+    for name, g in goals.items():
+        print(f"- [{'x' if g['met'] else ' '}] {name} {g['target']}: {g['value']}")
+    return goals
 
 
 if __name__ == "__main__":

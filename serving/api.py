@@ -26,6 +26,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse, Response
 from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 
 from bloodcnn import __version__
 from bloodcnn.inference import ImageError, inspect_image
@@ -111,6 +112,8 @@ class ErrorResponse(BaseModel):
 
 
 def _image_request_body(max_images: int) -> dict:
+    """The upload body as :func:`read_images` takes it: 1..max_images images, as repeated multipart
+    ``file`` parts or JSON ``images``; no image is a 400, so the schema requires one (``minItems``)."""
     return {
         "requestBody": {
             "required": True,
@@ -118,16 +121,21 @@ def _image_request_body(max_images: int) -> dict:
                 "multipart/form-data": {
                     "schema": {
                         "type": "object",
-                        "properties": {"file": {"type": "array", "items": {"type": "string", "format": "binary"},
-                                                "maxItems": max_images}},
+                        "properties": {"file": {
+                            "type": "array", "items": {"type": "string", "format": "binary"},
+                            "minItems": 1, "maxItems": max_images,
+                            "description": "one file part named 'file' per image (JPEG, PNG, BMP or TIFF); "
+                                           "parts with other names are ignored"}},
                         "required": ["file"],
                     }
                 },
                 "application/json": {
                     "schema": {
                         "type": "object",
-                        "properties": {"images": {"type": "array", "maxItems": max_images,
-                                                  "items": {"type": "string", "format": "byte"}}},
+                        "properties": {"images": {
+                            "type": "array", "minItems": 1, "maxItems": max_images,
+                            "items": {"type": "string", "format": "byte"},
+                            "description": "one base64 string (or data: URL) per image"}},
                         "required": ["images"],
                     }
                 },
@@ -136,19 +144,37 @@ def _image_request_body(max_images: int) -> dict:
     }
 
 
-ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
-    code: {"model": ErrorResponse, "description": text}
-    for code, text in {
-        400: "empty body, not an image, corrupt or truncated image, too many images, bad JSON/base64",
-        401: "missing or wrong API key (when auth is on)",
-        413: "body larger than max_body_mb, or image over max_pixels (decompression bomb)",
-        415: "content type other than multipart/form-data or application/json, or image format not accepted",
-        503: "no model loaded yet",
-    }.items()
+ERROR_TEXT = {
+    400: "empty body, not an image, corrupt or truncated image, no or too many images, bad JSON/base64",
+    401: "missing or wrong API key (when auth is on)",
+    404: "the served version has no model card",
+    413: "body larger than max_body_mb, or image over max_pixels (decompression bomb)",
+    415: "content type other than multipart/form-data or application/json, or image format not accepted",
+    503: "no model loaded yet, or the model service is unavailable",
+    504: "the model did not answer within backend_timeout_s",
 }
 
 
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """The documented error responses of one route: only the statuses it can really answer."""
+    return {code: {"model": ErrorResponse, "description": ERROR_TEXT[code]} for code in codes}
+
+
+#: the upload routes' errors
+ERROR_RESPONSES = _errors(400, 401, 413, 415, 503, 504)
+
+
 # ---------------------------------------------------------------- ASGI middleware
+
+
+def allowed_methods(app, scope: dict) -> str:
+    """A 405's ``Allow`` (RFC 9110 15.5.6): the methods of every route at this path, not only of
+    the first one Starlette matched."""
+    methods: set[str] = set()
+    for route in app.router.routes:
+        if route.matches(scope)[0] != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return ", ".join(sorted(methods))
 
 
 def _relative_path(scope: dict) -> str:
@@ -356,7 +382,10 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
     async def _http_error(request: Request, exc: StarletteHTTPException):
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         metrics.errors.labels(code).inc()
-        return error_response(exc.status_code, code, str(exc.detail), scope=request.scope)
+        headers = dict(exc.headers or {})
+        if exc.status_code == 405:  # Starlette's own Allow would name the first matching route only
+            headers["Allow"] = allowed_methods(app, request.scope)
+        return error_response(exc.status_code, code, str(exc.detail), headers or None, request.scope)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError):
@@ -449,7 +478,7 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
         }
         return Response(out["png"], media_type="image/png", headers=headers)
 
-    @app.get("/v1/models/current", responses=ERROR_RESPONSES, summary="The model version being served")
+    @app.get("/v1/models/current", responses=_errors(401, 503, 504), summary="The model version being served")
     async def current_model():
         info = await call(backend.model_info())
         if not info:
@@ -458,7 +487,8 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
         return JSONResponse(info)
 
     @app.get("/v1/models/current/card", responses={200: {"content": {"text/html": {}, "text/markdown": {}}},
-                                                   **ERROR_RESPONSES},
+                                                   400: {"model": ErrorResponse, "description": "format not html/md"},
+                                                   **_errors(401, 404, 503, 504)},
              response_class=Response, summary="The served version's model card (HTML, or ?format=md)")
     async def current_model_card(format: str = "html"):
         if format not in ("html", "md"):
@@ -474,7 +504,8 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
     async def healthz():
         return {"status": "ok"}
 
-    @app.get("/readyz", summary="Readiness: a model is loaded and warmed up (503 before)")
+    @app.get("/readyz", summary="Readiness: a model is loaded and warmed up (503 before)",
+             responses={503: {"description": 'not ready: {"status": "not_ready", "error": {"code", "message"}}'}})
     async def readyz():
         try:
             st = await asyncio.wait_for(backend.status(), 3.0)
@@ -488,7 +519,7 @@ def create_api(backend: Backend, settings: IngressSettings, api_key: str | None 
                 status_code=503)
         return {"status": "ready", "model_version": st.get("model_version")}
 
-    @app.get("/metrics", summary="Prometheus metrics", response_class=Response)
+    @app.get("/metrics", summary="Prometheus metrics", response_class=Response, responses=_errors(401))
     async def prometheus():
         return Response(metrics.render(), media_type=metrics.content_type)
 

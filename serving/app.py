@@ -105,8 +105,15 @@ def ingress_options(cfg: AppConfig) -> dict[str, Any]:
 
 
 def build_app(cfg: AppConfig | None = None) -> serve.Application:
-    """The bound application: ``APIIngress`` over an autoscaled, batched ``BloodClassifier``."""
+    """The bound application: ``APIIngress`` over an autoscaled, batched ``BloodClassifier``; with
+    ``serve.ingress: colocated``, ``BloodService`` alone (the classifier replicas serve HTTP)."""
     cfg = cfg or load_config()
+    if cfg.serve.ingress == "colocated":
+        from serving.service import BloodService
+
+        return BloodService.options(**classifier_options(cfg)).bind(
+            ingress_settings(cfg).model_dump(), storage=cfg.storage.model_dump(), cache_dir=None,
+            model_name=cfg.registry.model_name)
     classifier = BloodClassifier.options(**classifier_options(cfg)).bind(
         storage=cfg.storage.model_dump(), cache_dir=None
     )

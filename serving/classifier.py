@@ -1,11 +1,13 @@
 """``BloodClassifier``: batched model replicas with registry hot-swap.
 
 Request path, per image: the ingress sends the (header-checked) upload bytes; a small
-thread pool decodes them with Pillow and resizes with ``bloodcnn.preprocess.resize``
+thread pool decodes them (simplejpeg for JPEGs, Pillow otherwise: the same pixels) and resizes with ``bloodcnn.preprocess.resize``
 (exactly as training) while the previous batch runs; ``@serve.batch`` gathers up to
-``max_batch_size`` images for at most ``batch_wait_timeout_s``; one call of the compiled
-``tf.function`` (fixed ``[None, S, S, 3]`` signature: traced once) runs the batch in a
-worker thread, so the replica's event loop keeps accepting the next batch meanwhile.
+``max_batch_size`` images for at most ``batch_wait_timeout_s``; one forward pass runs the
+batch in a worker thread, so the replica's event loop keeps accepting the next batch
+meanwhile: OpenVINO at the precision the version's export gate chose (``serve.runtime``,
+:mod:`bloodcnn.openvino_runtime`), or the compiled ``tf.function`` (fixed ``[None, S, S, 3]``
+signature: traced once) for versions without that artifact.
 
 Model lifecycle: ``reconfigure(user_config)`` (called by Serve at start and on every
 ``user_config`` change) resolves ``model_version`` (``production`` or pinned) in the
@@ -26,10 +28,9 @@ import logging
 import os
 import shutil
 import tempfile
-import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +39,8 @@ from ray import serve
 
 from bloodcnn import calibration
 from bloodcnn.inference import ImageError, load_for_model, preprocess, decode_image, set_max_pixels
-from bloodcnn.registry import ModelMetadata, Registry
+from bloodcnn.loaded_model import LoadedModel, load_version
+from bloodcnn.registry import Registry
 from serving.settings import ClassifierSettings
 
 log = logging.getLogger("ray.serve")
@@ -63,43 +65,6 @@ class _QuietBatchWarning(logging.Filter):
 
 
 log.addFilter(_QuietBatchWarning())
-
-
-@dataclass
-class LoadedModel:
-    """One immutable, warmed-up model version; swapped in as a whole."""
-
-    meta: ModelMetadata
-    source: tuple[str, str]
-    model: Any
-    predictor: Any
-    path: Path
-    loaded_at: float = field(default_factory=time.time)
-    load_seconds: float = 0.0
-    _gradcam: Any = None
-    _gradcam_lock: threading.Lock = field(default_factory=threading.Lock)
-
-    @property
-    def version(self) -> str:
-        return self.meta.version
-
-    @property
-    def image_size(self) -> int:
-        return self.meta.image_size
-
-    @property
-    def class_names(self) -> list[str]:
-        return self.meta.class_names
-
-    def gradcam(self):
-        with self._gradcam_lock:
-            if self._gradcam is None:
-                from bloodcnn.inference import GradCam
-
-                gc = GradCam(self.model, self.image_size)
-                gc.heatmap(np.zeros((self.image_size, self.image_size, 3), np.float32))  # trace once
-                self._gradcam = gc
-            return self._gradcam
 
 
 def answer(probs: np.ndarray, cur: LoadedModel, s: ClassifierSettings, batch_size: int = 1,
@@ -127,38 +92,6 @@ def _wrong_size(cur: LoadedModel, shape: tuple) -> dict:
     return {"error": {"code": "invalid_shape", "status": 400, "message":
                       f"model version {cur.version} takes pixels of shape [N, {s}, {s}, 3], "
                       f"not [N, {', '.join(str(d) for d in shape)}]"}}
-
-
-def _warmup_sizes(max_batch_size: int) -> list[int]:
-    sizes = {1, max_batch_size}
-    b = 2
-    while b < max_batch_size:
-        sizes.add(b)
-        b *= 2
-    return sorted(sizes)
-
-
-def load_version(
-    registry: Registry, version: str, cache_dir: str | Path, max_batch_size: int, source: tuple[str, str]
-) -> LoadedModel:
-    """Fetch (sha256-checked), load in safe mode, compile and warm up one version. Blocking."""
-    from bloodcnn.inference import Predictor
-    from bloodcnn.model import load_model
-
-    t0 = time.perf_counter()
-    path, meta = registry.fetch(version, cache_dir)
-    model = load_model(path)
-    out = int(model.output_shape[-1])
-    if out != len(meta.class_names):
-        raise ValueError(f"model {meta.version} has {out} outputs but {len(meta.class_names)} class names")
-    if int(model.input_shape[1]) != meta.image_size:
-        raise ValueError(f"model {meta.version} takes {model.input_shape[1]} px, metadata says {meta.image_size}")
-    predictor = Predictor(model, meta.image_size)
-    predictor.warmup(_warmup_sizes(max_batch_size))
-    return LoadedModel(
-        meta=meta, source=source, model=model, predictor=predictor, path=path,
-        load_seconds=time.perf_counter() - t0,
-    )
 
 
 class BatchRunner:
@@ -271,8 +204,8 @@ class BloodClassifier:
         self.infer_batch.set_max_batch_size(new.max_batch_size)
         self.infer_batch.set_batch_wait_timeout_s(new.batch_wait_timeout_s)
         self._runner.max_images = new.max_batch_size
-        source_changed = old is None or (old.registry_uri, old.model_name, old.model_version) != (
-            new.registry_uri, new.model_name, new.model_version,
+        source_changed = old is None or (old.registry_uri, old.model_name, old.model_version, old.runtime) != (
+            new.registry_uri, new.model_name, new.model_version, new.runtime,
         )
         log.info(
             "BloodClassifier config: model %s/%s@%s, batch %d/%.3fs, poll %.1fs",
@@ -308,7 +241,8 @@ class BloodClassifier:
                 self._note_error(f"cannot resolve model {s.model_name}@{s.model_version}: {exc}")
                 return False
             cur = self._current
-            if cur is not None and cur.version == version and cur.source == source:
+            if (cur is not None and cur.version == version and cur.source == source
+                    and cur.requested_runtime == s.runtime):
                 self._last_error = None  # in sync with the registry again
                 return False
             key = (source, version)
@@ -318,7 +252,7 @@ class BloodClassifier:
             self._loading = True
             try:
                 loaded = await asyncio.to_thread(
-                    load_version, registry, version, self._cache_root, s.max_batch_size, source
+                    load_version, registry, version, self._cache_root, s.max_batch_size, source, s.runtime
                 )
             except Exception as exc:
                 count = failed[0] + 1 if failed else 1
@@ -338,7 +272,8 @@ class BloodClassifier:
                 s.model_name, version, loaded.image_size, loaded.load_seconds,
                 f", replacing {previous.version}" if previous else "",
             )
-            self._explain_pool.submit(loaded.gradcam)  # trace Grad-CAM in the background
+            if loaded.runtime == "tensorflow":  # the Keras model is loaded anyway: trace Grad-CAM now
+                self._explain_pool.submit(loaded.gradcam)
             if previous is not None and previous.path.parent != loaded.path.parent:
                 self._forget(previous)
             return True
@@ -498,6 +433,8 @@ class BloodClassifier:
             "metrics": m.metrics,
             "code_version": m.code_version,
             "model_sha256": m.model_sha256,
+            "runtime": cur.runtime,
+            "runtime_reason": cur.runtime_reason,
             "loaded_at": cur.loaded_at,
             "uncertain_threshold": s.uncertain_threshold if s else None,
             "calibration": m.calibration.model_dump() if m.calibration else None,

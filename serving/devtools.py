@@ -21,13 +21,14 @@ def free_port() -> int:
 
 
 def serve_processes(app: str) -> dict[str, int]:
-    """pid of the HTTP proxy and of app ``app``'s ingress and classifier replicas, among this
+    """pid of the HTTP proxy and of app ``app``'s ingress and classifier (or service) replicas, among this
     process's descendants (the Ray it started); for memory and CPU checks."""
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
     titles = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{app}:APIIngress",
-              "classifier": f"ServeReplica:{app}:BloodClassifier"}
+              "classifier": f"ServeReplica:{app}:BloodClassifier",
+              "service": f"ServeReplica:{app}:BloodService"}  # serve.ingress colocated
     found: dict[str, int] = {}
     for proc in psutil.Process().children(recursive=True):
         try:
@@ -73,6 +74,7 @@ def register_model(
     promote: bool = True,
     storage_config=None,
     calibration: dict[str, Any] | None = None,
+    dataset_version: str = "synthetic",
 ):
     """Save ``model`` as .keras, register it (and promote it); returns the ModelMetadata."""
     from bloodcnn.registry import Registry
@@ -82,7 +84,7 @@ def register_model(
     reg = Registry(registry_uri, model_name, storage_config)
     version = version or reg.new_version()
     metadata = {
-        "dataset_version": "synthetic",
+        "dataset_version": dataset_version,
         "class_names": class_names or CLASS_NAMES,
         "image_size": int(model.input_shape[1]),
         "metrics": metrics or {},

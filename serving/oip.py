@@ -109,6 +109,7 @@ ERROR_TEXT = {
     413: "body larger than max_body_mb, or image over max_pixels",
     415: "image format not accepted, or a compressed (Content-Encoding) request",
     503: "no model loaded yet",
+    504: "the model did not answer within backend_timeout_s",
 }
 
 
@@ -117,20 +118,29 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
 
 
 def _infer_openapi(max_images: int) -> dict:
-    """The request body in /docs: the spec's JSON request, and its binary-data form."""
-    tensor = {
-        "type": "object", "required": ["name", "datatype", "shape"],
-        "properties": {
-            "name": {"type": "string", "enum": list(INPUTS)},
-            "datatype": {"type": "string", "enum": list(INPUTS.values()),
-                         "description": "BYTES for images, FP32 for pixels"},
-            "shape": {"type": "array", "items": {"type": "integer", "minimum": 0},
-                      "description": f"images: [N]; pixels: [N, S, S, 3]; 1 <= N <= {max_images}"},
-            "parameters": {"type": "object", "properties": {"binary_data_size": {
-                "type": "integer", "description": "bytes of this tensor after the JSON header (binary form)"}}},
-            "data": {"type": "array", "description": "images: base64 strings; pixels: numbers, flat or nested"},
-        },
-    }
+    """The request body in /docs: the spec's JSON request, and its binary-data form. As strict as
+    :func:`parse_infer_request`: one ``images`` [N] BYTES or ``pixels`` [N, S, S, 3] FP32 tensor,
+    1 <= N <= max_images, with ``data`` or (binary form) ``binary_data_size``, never both."""
+    n = {"type": "integer", "minimum": 1, "maximum": max_images, "description": "N, the image count"}
+    params = {"type": "object", "properties": {"binary_data_size": {
+        "type": "integer", "minimum": 0, "description": "bytes of this tensor after the JSON header (binary form)"}}}
+    data_or_binary = [{"required": ["data"]},
+                      {"required": ["parameters"], "properties": {"parameters": {"required": ["binary_data_size"]}}}]
+
+    def tensor(name: str, shape: dict, data: dict) -> dict:
+        return {"type": "object", "required": ["name", "datatype", "shape"], "oneOf": data_or_binary,
+                "properties": {"name": {"type": "string", "const": name},
+                               "datatype": {"type": "string", "const": INPUTS[name]},
+                               "shape": shape, "parameters": params, "data": data}}
+
+    images = tensor("images", {"type": "array", "prefixItems": [n], "minItems": 1, "maxItems": 1},
+                    {"type": "array", "minItems": 1, "maxItems": max_images,
+                     "items": {"type": "string", "format": "byte"}, "description": "one base64 file per image"})
+    side = {"type": "integer", "minimum": 1, "description": "S, the model's image size"}
+    pixels = tensor("pixels", {"type": "array", "prefixItems": [n, side, side, {"type": "integer", "const": 3}],
+                               "minItems": 4, "maxItems": 4},
+                    {"type": "array", "minItems": 1,
+                     "description": "N*S*S*3 numbers in 0..255, flat or nested, row-major"})
     output = {"type": "object", "required": ["name"], "properties": {
         "name": {"type": "string", "enum": list(OUTPUTS)},
         "parameters": {"type": "object", "properties": {"binary_data": {"type": "boolean"}}}}}
@@ -139,7 +149,7 @@ def _infer_openapi(max_images: int) -> dict:
         "properties": {
             "id": {"type": "string", "description": "echoed in the response"},
             "parameters": {"type": "object", "properties": {"binary_data_output": {"type": "boolean"}}},
-            "inputs": {"type": "array", "items": tensor, "minItems": 1, "maxItems": 1},
+            "inputs": {"type": "array", "items": {"oneOf": [images, pixels]}, "minItems": 1, "maxItems": 1},
             "outputs": {"type": "array", "items": output, "description": "default: all four outputs"},
         },
     }
@@ -523,7 +533,7 @@ def add_oip_routes(app: FastAPI, *, backend: Any, settings: IngressSettings, met
 
     ok_doc = {"model": InferResponse, "content": {"application/octet-stream": {}},
               "description": "JSON, or with Inference-Header-Content-Length a JSON header then binary outputs"}
-    infer_doc = dict(responses={200: ok_doc, **_errors(400, 401, 404, 413, 415, 503)},
+    infer_doc = dict(responses={200: ok_doc, **_errors(400, 401, 404, 413, 415, 503, 504)},
                      openapi_extra=_infer_openapi(settings.max_images_per_request), tags=["v2"])
 
     @app.get("/v2", response_model=ServerMetadata, responses=_errors(401), tags=["v2"], summary="v2 server metadata")
@@ -543,13 +553,14 @@ def add_oip_routes(app: FastAPI, *, backend: Any, settings: IngressSettings, met
             raise ApiError(503, "not_ready", f"not ready: {why}")
         return Response(status_code=200)
 
-    @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=_errors(401, 404, 503), tags=["v2"],
+    @app.get("/v2/models/{name}", response_model=ModelMetadata, responses=_errors(401, 404, 503, 504), tags=["v2"],
              summary="v2 model metadata: the served version, inputs and outputs")
     async def get_model(name: str):
         return await model_metadata(name, None)
 
-    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata, responses=_errors(401, 404, 503),
-             tags=["v2"], summary="v2 model metadata of one version (404 unless it is the one served)")
+    @app.get("/v2/models/{name}/versions/{version}", response_model=ModelMetadata,
+             responses=_errors(401, 404, 503, 504), tags=["v2"],
+             summary="v2 model metadata of one version (404 unless it is the one served)")
     async def get_model_version(name: str, version: str):
         return await model_metadata(name, version)
 

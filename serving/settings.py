@@ -26,6 +26,7 @@ class ClassifierSettings(BaseModel):
     uncertain_rule: Literal["conformal", "threshold"] = "conformal"
     version_poll_s: float = Field(10.0, ge=0)
     max_pixels: int = Field(40_000_000, ge=1)
+    runtime: Literal["auto", "openvino", "tensorflow"] = "auto"
 
 
 class IngressSettings(BaseModel):
@@ -55,6 +56,7 @@ def classifier_settings(cfg: AppConfig) -> ClassifierSettings:
         uncertain_rule=s.uncertain_rule,
         version_poll_s=s.version_poll_s,
         max_pixels=s.max_pixels,
+        runtime=s.runtime,
     )
 
 

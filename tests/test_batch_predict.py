@@ -99,7 +99,7 @@ def reference(registry, tmp_path_factory):
     ``plain`` share the model file and differ in their calibration only."""
     from bloodcnn.inference import load_for_model
     from bloodcnn.registry import Registry
-    from serving.classifier import load_version
+    from bloodcnn.loaded_model import load_version
 
     reg = Registry(registry, "bloodcnn")
     cur = load_version(reg, "cal", tmp_path_factory.mktemp("model-cache"), 4, (registry, "bloodcnn"))

@@ -116,13 +116,14 @@ def _answer(calibration: dict | None, probs, rule: str = "conformal") -> dict:
     from pathlib import Path
 
     from bloodcnn.registry import ModelMetadata
-    from serving.classifier import LoadedModel, answer
+    from bloodcnn.loaded_model import LoadedModel
+    from serving.classifier import answer
     from serving.settings import ClassifierSettings
 
     meta = ModelMetadata(model_name="m", version="v1", created_at="2026-12-02T00:00:00Z", dataset_version="d",
                          class_names=["Benign", "Early Pre-B", "Pre-B", "Pro-B"], image_size=64,
                          model_sha256="0" * 64, calibration=calibration)
-    cur = LoadedModel(meta=meta, source=("s3://r", "m"), model=None, predictor=None, path=Path("."))
+    cur = LoadedModel(meta=meta, source=("s3://r", "m"), predictor=None, path=Path("."))
     s = ClassifierSettings(registry_uri="s3://r", model_name="m", uncertain_rule=rule, uncertain_threshold=0.6)
     return answer(np.asarray(probs), cur, s)
 

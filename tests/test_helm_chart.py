@@ -58,7 +58,7 @@ NAMESPACE = "bloodcnn"
 
 # docs/architecture.md: the user_config keys of the BloodClassifier deployment.
 USER_CONFIG_KEYS = {"registry_uri", "model_name", "model_version", "max_batch_size", "batch_wait_timeout_s",
-                    "uncertain_threshold"}
+                    "uncertain_threshold", "runtime"}
 SECRET_ENV = {"AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "BLOODCNN_API_KEY", "RAY_AUTH_TOKEN"}
 
 
@@ -388,7 +388,8 @@ def test_values_reach_serve_config(helm_bin, tmp_path):
     values.write_text(yaml.safe_dump({
         "config": {
             "serve": {"max_batch_size": 7, "batch_wait_timeout_s": 0.125, "uncertain_threshold": 0.55,
-                      "uncertain_rule": "threshold", "model_version": "v20260101", "max_ongoing_requests": 21, "num_cpus_per_replica": 1.5,
+                      "uncertain_rule": "threshold", "model_version": "v20260101", "max_ongoing_requests": 21,
+                      "runtime": "tensorflow", "num_cpus_per_replica": 1.5,
                       "autoscaling": {"min_replicas": 2, "max_replicas": 9, "target_ongoing_requests": 5}},
             "registry": {"model_name": "blood-b"},
         },
@@ -401,7 +402,7 @@ def test_values_reach_serve_config(helm_bin, tmp_path):
     assert classifier["user_config"] == {
         "registry_uri": "s3://my-bucket/models", "model_name": "blood-b", "model_version": "v20260101",
         "max_batch_size": 7, "batch_wait_timeout_s": 0.125, "uncertain_threshold": 0.55,
-        "uncertain_rule": "threshold", "version_poll_s": 10, "max_pixels": 40000000}
+        "uncertain_rule": "threshold", "version_poll_s": 10, "max_pixels": 40000000, "runtime": "tensorflow"}
     assert classifier["autoscaling_config"]["min_replicas"] == 2
     assert classifier["autoscaling_config"]["max_replicas"] == 9
     assert classifier["autoscaling_config"]["target_ongoing_requests"] == 5
@@ -412,6 +413,26 @@ def test_values_reach_serve_config(helm_bin, tmp_path):
     app_cfg = app_config(docs)
     assert app_cfg["serve"]["max_batch_size"] == 7 and app_cfg["registry"]["uri"] == "s3://my-bucket/models"
     assert app_cfg["data"]["output"] == app_cfg["train"]["dataset"] == "s3://my-bucket/datasets/all-leukemia"
+
+
+def test_colocated_ingress_renders_the_one_deployment_the_app_builds(helm_bin, tmp_path):
+    """config.serve.ingress colocated: serveConfigV2 names exactly the deployments build_app makes."""
+    from ray.serve._private.build_app import build_app as serve_build
+    from ray.serve.schema import ServeDeploySchema
+
+    from bloodcnn.config import load_config
+    from serving.app import build_app
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": {"serve": {"ingress": "colocated"}}}))
+    cfg = serve_config(hs.render(values_files=[values]))
+    ServeDeploySchema.model_validate(cfg)
+    [app] = cfg["applications"]
+    built = serve_build(build_app(load_config(environ={}, overrides={"serve": {"ingress": "colocated"}})),
+                        name=app["name"])
+    assert [d["name"] for d in app["deployments"]] == [d.name for d in built.deployments] == ["BloodService"]
+    service = app["deployments"][0]
+    assert service["user_config"]["runtime"] == "auto" and service["autoscaling_config"]["max_replicas"] == 4
 
 
 def test_import_path_exists_in_repo(rendered):

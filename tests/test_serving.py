@@ -16,8 +16,10 @@ import base64
 import io
 import json
 import os
+import tempfile
 import threading
 import time
+from pathlib import Path
 
 import httpx
 import numpy as np
@@ -73,6 +75,10 @@ class Stack:
     def late(self) -> str:
         return self.local.url("late")
 
+    @property
+    def onehop(self) -> str:
+        return self.local.url("onehop")
+
 
 @pytest.fixture(scope="module")
 def stack(s3_server, weights_file):
@@ -85,6 +91,9 @@ def stack(s3_server, weights_file):
             "min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 2,
             "upscale_delay_s": 1.0, "downscale_delay_s": 2.0, "look_back_period_s": 2.0})),
         "late": ("/late", _cfg(late_registry, api_key_env=KEY_ENV, autoscaling={
+            "min_replicas": 1, "max_replicas": 1})),
+        # one hop: the classifier replica is the HTTP ingress itself (BloodService)
+        "onehop": ("/onehop", _cfg(main_registry, api_key_env=KEY_ENV, ingress="colocated", autoscaling={
             "min_replicas": 1, "max_replicas": 1})),
     }
     env = {
@@ -179,6 +188,33 @@ def test_predict_json_base64_matches_multipart_and_in_process_model(stack):
         expected = pred.predict(load_for_model(img, 64)[0])[0]
         got = np.array([res["probabilities"][c] for c in devtools.CLASS_NAMES])
         np.testing.assert_allclose(got, expected, atol=2e-5)
+
+
+def test_one_hop_service_answers_like_the_two_hop_app(stack):
+    """serve.ingress colocated: one BloodService deployment, the same API (auth, v1, v2) and answers."""
+    from ray import serve
+
+    deployments = serve.status().applications["onehop"].deployments
+    assert set(deployments) == {"BloodService"}, set(deployments)
+    key = {"X-API-Key": API_KEY}
+    devtools_wait(stack.onehop, key=API_KEY)
+    assert httpx.post(f"{stack.onehop}/v1/predict", files=[("file", ("a.png", png(3), "image/png"))]).status_code == 401
+    files = [("a.png", png(3), "image/png"), ("b.png", png(4), "image/png")]
+    one = post_files(f"{stack.onehop}/v1/predict", files, headers=key)
+    two = post_files(f"{stack.main}/v1/predict", files)
+    assert one.status_code == two.status_code == 200, one.text
+    for a, b in zip(one.json()["results"], two.json()["results"]):
+        assert a["model_version"] == b["model_version"] and a["class"] == b["class"]
+        assert np.allclose(list(a["probabilities"].values()), list(b["probabilities"].values()), atol=1e-5)
+    v2 = httpx.post(f"{stack.onehop}/v2/models/bloodcnn/infer", headers=key, timeout=60, json={
+        "inputs": [{"name": "images", "shape": [1], "datatype": "BYTES", "data": [base64.b64encode(png(3)).decode()]}]})
+    assert v2.status_code == 200, v2.text
+    probs = next(o for o in v2.json()["outputs"] if o["name"] == "probabilities")["data"]
+    assert np.allclose(probs, list(one.json()["results"][0]["probabilities"].values()), atol=1e-5)
+    wrong = httpx.get(f"{stack.onehop}/v1/predict", headers=key)
+    assert wrong.status_code == 405 and wrong.headers["allow"] == "POST"
+    info = httpx.get(f"{stack.onehop}/v1/models/current", headers=key, timeout=30).json()
+    assert info["runtime"] == "tensorflow" and "no OpenVINO artifact" in info["runtime_reason"]
 
 
 def test_explain_returns_gradcam_png(stack):
@@ -458,6 +494,14 @@ def test_hot_swap_to_newly_promoted_version_under_load(stack):
     devtools.register_model(stack.main_registry, v2, version="v2", promote=False,
                             metrics={"accuracy": 0.95, "macro_f1": 0.94})
     registry = Registry(stack.main_registry, "bloodcnn")
+    # v2 also gets an OpenVINO artifact: the swap goes from TensorFlow (v1) to OpenVINO under load
+    from bloodcnn.openvino_runtime import export
+
+    images = np.stack([devtools.smear_like(64, seed=i) for i in range(16)]).astype(np.float32)
+    with tempfile.TemporaryDirectory() as tmp:
+        info = export(v2, 64, [(images, np.full(16, 3))], tmp)
+        assert info.precision is not None, info.reason
+        registry.set_runtime("v2", info, Path(tmp))
     assert registry.production() == "v1"
     with PredictLoad(stack.main, 6, LOAD_IMAGES) as load:
         time.sleep(2)
@@ -481,6 +525,7 @@ def test_hot_swap_to_newly_promoted_version_under_load(stack):
     assert late and all(o.version == "v2" for o in late), [o.version for o in late]
     info = httpx.get(f"{stack.main}/v1/models/current", timeout=30).json()
     assert info["version"] == "v2" and info["metrics"]["accuracy"] == 0.95
+    assert info["runtime"] == f"openvino-{registry.get('v2').runtime.precision}", info
     r = post_files(f"{stack.main}/v1/predict", [("a.png", png(), "image/png")]).json()["results"][0]
     assert r["class"] == "Pro-B" and r["model_version"] == "v2"
 

@@ -102,6 +102,11 @@ def test_two_workers_survive_a_killed_worker_register_evaluate_and_rerun(
     assert meta.calibration.alpha == cfg.registry.calibration.alpha
     for stage in ("before", "after"):
         assert set(c[stage]) == {"ece", "nll", "brier"}
+    # exported to OpenVINO at registration, gated on the same validation split
+    rt = meta.runtime
+    assert rt.num_examples == manifest.splits["val"].total and set(rt.files) == {"openvino/model.xml",
+                                                                                  "openvino/model.bin"}
+    assert rt.precision in {t.precision for t in rt.trials if t.passed}  # f32 agrees with Keras to 1e-5
     assert c["after"]["nll"] <= c["before"]["nll"] + 0.05  # fitted on val; test is close to it
     assert 0 <= c["conformal"]["coverage"] <= 1 and c["risk_coverage"]
     for name in meta.artifacts:

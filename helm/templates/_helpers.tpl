@@ -181,7 +181,7 @@ The Ray Serve config (serveConfigV2) rendered from the app config and .Values.se
 {{- define "bloodcnn.serveConfig" -}}
 {{- $cfg := include "bloodcnn.appConfig" . | fromYaml -}}
 {{- $serve := $cfg.serve -}}
-{{- range $key := list "model_version" "max_batch_size" "batch_wait_timeout_s" "uncertain_threshold" "uncertain_rule" "version_poll_s" "max_pixels" "max_ongoing_requests" "num_cpus_per_replica" "autoscaling" -}}
+{{- range $key := list "model_version" "max_batch_size" "batch_wait_timeout_s" "uncertain_threshold" "uncertain_rule" "version_poll_s" "max_pixels" "runtime" "max_ongoing_requests" "num_cpus_per_replica" "autoscaling" -}}
 {{- if not (hasKey $serve $key) -}}
 {{- fail (printf "config.serve.%s must be set: it feeds the RayService serveConfigV2" $key) -}}
 {{- end -}}
@@ -195,8 +195,11 @@ code's, so user_config and autoscaling_config must be complete. */ -}}
 {{- if hasKey $autoscaling "look_back_period_s" -}}
 {{- $_ := set $autoscaling "metrics_interval_s" (minf 10.0 (divf $autoscaling.look_back_period_s 2.0)) -}}
 {{- end -}}
+{{- /* serve.ingress colocated: the classifier replicas serve HTTP themselves (serving/service.py
+BloodService, one hop), so the app has that one deployment and no APIIngress. */ -}}
+{{- $colocated := eq ($serve.ingress | default "separate") "colocated" -}}
 {{- $classifier := dict
-  "name" $sv.classifier.name
+  "name" (ternary "BloodService" $sv.classifier.name $colocated)
   "max_ongoing_requests" (max $ongoing $batch)
   "autoscaling_config" $autoscaling
   "ray_actor_options" (dict "num_cpus" $serve.num_cpus_per_replica "num_gpus" $sv.classifier.numGpus)
@@ -209,7 +212,8 @@ code's, so user_config and autoscaling_config must be complete. */ -}}
     "uncertain_threshold" $serve.uncertain_threshold
     "uncertain_rule" $serve.uncertain_rule
     "version_poll_s" $serve.version_poll_s
-    "max_pixels" $serve.max_pixels) -}}
+    "max_pixels" $serve.max_pixels
+    "runtime" $serve.runtime) -}}
 {{- $apiIngress := dict
   "name" $sv.apiIngress.name
   "max_ongoing_requests" (max (mul 2 $ongoing) (mul 4 $batch))
@@ -222,7 +226,7 @@ code's, so user_config and autoscaling_config must be complete. */ -}}
   "name" $sv.applicationName
   "import_path" $sv.importPath
   "route_prefix" $sv.routePrefix
-  "deployments" (list $apiIngress $classifier) -}}
+  "deployments" (ternary (list $classifier) (list $apiIngress $classifier) $colocated) -}}
 {{- $config := dict
   "proxy_location" "EveryNode"
   "http_options" (dict "host" "0.0.0.0" "port" 8000 "keep_alive_timeout_s" 30)

@@ -7,9 +7,10 @@ Why it looks the way it does:
   credentials or an unknown version is a one-line error, fast, and nothing is written. The
   version is resolved once (``production`` -> ``v...``), so every actor scores with the same one
   even if someone promotes another meanwhile.
-* **Serving's code, not a copy.** Each actor of the pool loads the model once with serving's
-  ``load_version`` (registry fetch with the sha256 check, safe-mode load, shape checks, the
-  compiled predictor), decodes and resizes with :func:`bloodcnn.inference.load_for_model`, and
+* **Serving's code, not a copy.** Each actor of the pool loads the model once with
+  :func:`bloodcnn.loaded_model.load_version`, as serving replicas do (registry fetch with the
+  sha256 check, shape checks, OpenVINO at the version's gated precision or the compiled
+  ``tf.function``: ``serve.runtime``), decodes and resizes with :func:`bloodcnn.inference.load_for_model`, and
   turns probabilities into answers with :func:`bloodcnn.calibration.answer` (temperature, conformal
   set, uncertain flag), the function serving answers with.
 * **Streaming.** ``paths -> read bytes (tasks, threads for S3) -> score (actor pool)``; the driver
@@ -36,7 +37,6 @@ import logging
 import math
 import os
 import shutil
-import sys
 import tempfile
 import time
 from collections import Counter
@@ -81,6 +81,7 @@ class Plan:
     max_pixels: int
     uncertain_rule: str
     uncertain_threshold: float
+    runtime: str = "auto"
 
     @property
     def plot(self) -> str:
@@ -159,7 +160,8 @@ def plan(cfg: AppConfig, input_uri: str, output: str, model: str = "production")
     meta = registry.get(registry.resolve(model))
     return Plan(input=input_uri, output=output, files=files, ignored=ignored, meta=meta, requested=model,
                 registry_uri=cfg.registry.uri, storage=cfg.storage, max_pixels=cfg.serve.max_pixels,
-                uncertain_rule=cfg.serve.uncertain_rule, uncertain_threshold=cfg.serve.uncertain_threshold)
+                uncertain_rule=cfg.serve.uncertain_rule, uncertain_threshold=cfg.serve.uncertain_threshold,
+                runtime=cfg.serve.runtime)
 
 
 # --------------------------------------------------------------------------- Ray Data stages
@@ -206,32 +208,20 @@ def read_images(batch, storage_config: dict, max_bytes: int = MAX_FILE_BYTES):
                      "error_message": pa.array(message, pa.string())})
 
 
-def _serving_on_path() -> None:
-    """``serving`` lives at the checkout's root, outside the package: make it importable in a
-    worker that was not started from the checkout (the image sets PYTHONPATH itself)."""
-    try:
-        import serving  # noqa: F401
-    except ImportError:
-        root = Path(__file__).resolve().parents[2]
-        if (root / "serving" / "classifier.py").is_file():
-            sys.path.insert(0, str(root))
-
-
 class Scorer:
-    """Ray Data actor: loads the model once (serving's ``load_version``), then scores batches."""
+    """Ray Data actor: loads the model once (``load_version``, as serving does), then scores batches."""
 
     def __init__(self, registry_uri: str, model_name: str, version: str, storage_config: dict, batch_size: int,
-                 max_pixels: int, uncertain_rule: str, uncertain_threshold: float):
-        _serving_on_path()
+                 max_pixels: int, uncertain_rule: str, uncertain_threshold: float, runtime: str = "auto"):
         from bloodcnn.inference import set_max_pixels
-        from serving.classifier import load_version
+        from bloodcnn.loaded_model import load_version
 
         set_max_pixels(max_pixels)
         self.max_pixels = max_pixels
         self.rule, self.threshold = uncertain_rule, uncertain_threshold
         self.cache = tempfile.mkdtemp(prefix="bloodcnn-predict-")
         registry = Registry(registry_uri, model_name, StorageConfig.model_validate(storage_config))
-        self.model = load_version(registry, version, self.cache, batch_size, (registry_uri, model_name))
+        self.model = load_version(registry, version, self.cache, batch_size, (registry_uri, model_name), runtime)
         self.schema = _schema(self.model.class_names)
 
     def __del__(self):
@@ -312,6 +302,7 @@ def dataset(p: Plan, *, batch_size: int, actors: int):
             "registry_uri": p.registry_uri, "model_name": p.meta.model_name, "version": p.meta.version,
             "storage_config": p.storage.model_dump(), "batch_size": batch_size, "max_pixels": p.max_pixels,
             "uncertain_rule": p.uncertain_rule, "uncertain_threshold": p.uncertain_threshold,
+            "runtime": p.runtime,
         },
     )
 

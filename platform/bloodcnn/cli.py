@@ -128,6 +128,27 @@ def cmd_models_promote(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_models_export(args: argparse.Namespace) -> int:
+    from bloodcnn.openvino_runtime import ExportError, export_registered
+    from bloodcnn.registry import RegistryError
+
+    cfg = _config(args)
+    try:
+        meta = export_registered(cfg, args.version, force=args.force)
+    except (ExportError, RegistryError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    rt = meta.runtime
+    for t in rt.trials:
+        print(f"  {t.precision:<5} agreement {t.agreement:.4f}  max |dp| {t.max_prob_diff:.2e}  "
+              f"accuracy {t.accuracy:.4f}  {t.images_per_s:>6.1f} img/s  {'passed' if t.passed else 'failed'}")
+    print(f"  keras accuracy {rt.keras_accuracy:.4f}  {rt.keras_images_per_s:>6.1f} img/s on {rt.num_examples} "
+          f"{rt.validated_on} images")
+    print(f"exported {meta.model_name}/{meta.version}: " + (f"OpenVINO {rt.precision}" if rt.precision
+                                                           else "TensorFlow keeps serving it") + f" ({rt.reason})")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="bloodcnn", description="bloodcnn: data, training, evaluation and the model registry")
     parser.add_argument("--log-level", default=None, help="DEBUG, INFO, WARNING (default INFO)")
@@ -174,6 +195,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true")
     p = add(models, "promote", cmd_models_promote, "point production at a version")
     p.add_argument("version")
+    p = add(models, "export", cmd_models_export,
+            "add an OpenVINO artifact to a version, its precision gated on the validation split")
+    p.add_argument("version", help="a version, production or latest")
+    p.add_argument("--force", action="store_true", help="replace the version's artifact")
     return parser
 
 

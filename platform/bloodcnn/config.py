@@ -137,12 +137,20 @@ class CalibrationConfig(_Section):
         "lac", description="lac: 1 - p_true, the smallest sets; aps: cumulative mass, sets adapt to hardness")
 
 
+class ExportConfig(_Section):
+    """An optimised inference artifact made at registration (bloodcnn.openvino_runtime)."""
+
+    runtime: Literal["openvino", "none"] = Field("openvino", description="none: TensorFlow serves the version")
+    min_agreement: float = Field(0.999, gt=0, le=1, description="argmax agreement with Keras a precision needs")
+
+
 class RegistryConfig(_Section):
     uri: str = Field("s3://bloodcnn/models", description="model registry root")
     model_name: str = Field("bloodcnn", pattern=r"^[a-z0-9][a-z0-9-]{0,62}$")
     auto_promote: bool = True
     gates: GatesConfig = Field(default_factory=GatesConfig)
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
+    export: ExportConfig = Field(default_factory=ExportConfig)
 
 
 class AutoscalingConfig(_Section):
@@ -178,6 +186,12 @@ class ServeConfig(_Section):
     max_pixels: int = Field(40_000_000, ge=1)
     version_poll_s: float = Field(10.0, ge=0, description="0 disables polling for a newly promoted version")
     api_key_env: str = Field("BLOODCNN_API_KEY", description="env var holding the API key; unset means no auth")
+    ingress: Literal["separate", "colocated"] = Field(
+        "separate", description="separate: an APIIngress deployment calls BloodClassifier replicas (two hops); "
+        "colocated: each BloodClassifier replica serves HTTP itself (BloodService, one hop)")
+    runtime: Literal["auto", "openvino", "tensorflow"] = Field(
+        "auto", description="auto: OpenVINO at the precision the version's gate chose, else TensorFlow; "
+        "openvino: the artifact even if its gate failed (at f32); tensorflow: always TensorFlow")
 
 
 class AppConfig(_Section):

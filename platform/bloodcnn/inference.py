@@ -113,9 +113,29 @@ def inspect_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> ImageInf
         img.close()
 
 
+def _fast_jpeg(data: bytes) -> np.ndarray | None:
+    """An RGB or grayscale JPEG through simplejpeg (libjpeg-turbo, accurate integer IDCT, fancy
+    upsampling: the pixels of Pillow and of training's ``decode_jpeg``, tests/test_decode.py) at
+    ~1.6x Pillow's speed. None for anything else, or a JPEG libjpeg warns about (truncated,
+    corrupt): Pillow then decodes it, or words the error."""
+    if not data.startswith(b"\xff\xd8"):
+        return None
+    import simplejpeg
+
+    try:
+        return simplejpeg.decode_jpeg(data, colorspace="RGB", strict=True)
+    except ValueError:
+        return None
+
+
 def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Bytes -> RGB uint8 array (H, W, 3); the first frame of multi-frame files."""
-    img = _open(data, max_pixels)
+    img = _open(data, max_pixels)  # format, size and pixel-count checks for every decoder
+    if img.format == "JPEG" and img.mode in ("RGB", "L"):
+        fast = _fast_jpeg(data)
+        if fast is not None:
+            img.close()
+            return fast
     try:
         img.load()
         if img.mode != "RGB":

@@ -22,6 +22,7 @@ from pydantic import BaseModel, Field
 from bloodcnn import storage
 from bloodcnn.calibration import Calibration
 from bloodcnn.config import StorageConfig
+from bloodcnn.openvino_runtime import RuntimeInfo
 
 MODEL_FILE = "model.keras"
 METADATA_FILE = "metadata.json"
@@ -49,6 +50,8 @@ class ModelMetadata(BaseModel):
     artifacts: list[str] = Field(default_factory=list)
     calibration: Calibration | None = Field(
         None, description="temperature and conformal quantile; None for versions from before them")
+    runtime: RuntimeInfo | None = Field(
+        None, description="the OpenVINO artifact and its precision gate; None: served by TensorFlow")
 
 
 def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
@@ -97,8 +100,10 @@ class Registry:
         metadata: dict[str, Any],
         artifacts: dict[str, str | Path | bytes] | None = None,
         version: str | None = None,
+        runtime: tuple[RuntimeInfo, Path] | None = None,
     ) -> ModelMetadata:
-        """Upload the model and artifacts, then metadata.json last."""
+        """Upload the model, artifacts and the OpenVINO files (``runtime``: their info and the
+        folder they were exported into), then metadata.json last."""
         version = version or self.new_version()
         if not _VERSION_RE.match(version) or version == PRODUCTION:
             raise RegistryError(f"invalid model version name: {version!r}")
@@ -111,16 +116,51 @@ class Registry:
                 self.store.write_bytes(target, content)
             else:
                 self.store.upload_file(content, target)
+        if runtime is not None:
+            self._upload_runtime(version, *runtime)
         meta = ModelMetadata(
             model_name=self.model_name,
             version=version,
             created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
             model_sha256=sha256_file(model_path),
             artifacts=sorted(artifacts),
-            **{k: v for k, v in metadata.items() if k not in {"model_name", "version", "created_at", "model_sha256", "artifacts"}},
+            runtime=runtime[0] if runtime else None,
+            **{k: v for k, v in metadata.items()
+               if k not in {"model_name", "version", "created_at", "model_sha256", "artifacts", "runtime"}},
         )
         self.store.write_bytes(self._uri(version, METADATA_FILE), meta.model_dump_json(indent=2).encode())
         return meta
+
+    def _upload_runtime(self, version: str, info: RuntimeInfo, folder: Path) -> None:
+        for name, digest in info.files.items():
+            local = Path(folder) / name
+            if sha256_file(local) != digest:
+                raise RegistryError(f"{local} changed after its export: sha256 differs from the gate's")
+            self.store.upload_file(local, self._uri(version, name))
+
+    def set_runtime(self, version: str, info: RuntimeInfo, folder: Path) -> ModelMetadata:
+        """Add (or replace) the OpenVINO artifact of an existing version: files first, then its
+        metadata.json in one PUT, so a failure leaves the version as it was."""
+        meta = self.get(version)
+        self._upload_runtime(version, info, folder)
+        meta = meta.model_copy(update={"runtime": info})
+        self.store.write_bytes(self._uri(version, METADATA_FILE), meta.model_dump_json(indent=2).encode())
+        return meta
+
+    def fetch_runtime(self, meta: ModelMetadata, local_dir: str | Path) -> Path:
+        """Download a version's OpenVINO files, sha256-checked like the model; -> model.xml."""
+        if meta.runtime is None:
+            raise RegistryError(f"model {self.model_name}/{meta.version} has no OpenVINO artifact")
+        root = Path(local_dir) / self.model_name / meta.version
+        for name, digest in meta.runtime.files.items():
+            local = root / name
+            if not (local.exists() and sha256_file(local) == digest):
+                self.store.download_file(self._uri(meta.version, name), local)
+            if sha256_file(local) != digest:
+                local.unlink(missing_ok=True)
+                raise RegistryError(f"{name} of {self.model_name}/{meta.version} is corrupt: sha256 does not "
+                                    f"match the registered {digest[:12]}...")
+        return root / meta.runtime.xml
 
     def read_artifact(self, version: str, name: str) -> bytes:
         """One file registered next to a version's model (metrics.json, model_card.html, ...)."""

@@ -524,6 +524,7 @@ def run_training(
 
     from bloodcnn import model_card
     from bloodcnn.data.reader import load_manifest
+    from bloodcnn.openvino_runtime import export_for_registration
     from bloodcnn.train.evaluate import evaluate_model
     from bloodcnn.train.plots import confusion_matrix_png, reliability_png, training_curves_png
 
@@ -586,7 +587,12 @@ def run_training(
              "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds")},
             manifest)
         artifacts.update({"model_card.md": card_md, "model_card.html": card_html})
-        meta = registry.register(model_path, metadata, artifacts=artifacts, version=version)
+        with console.bar(desc="OpenVINO export and precision gate (val split)", total=1, unit="step",
+                         disable=not progress or cfg.registry.export.runtime == "none", mininterval=0) as bar:
+            runtime = export_for_registration(model, cfg, cfg.train.image_size, tmp / "export", manifest)
+            bar.update()
+        meta = registry.register(model_path, metadata, artifacts=artifacts, version=version,
+                                 runtime=(runtime, tmp / "export") if runtime else None)
     passed, reasons = gates_passed(report, cfg)
     promoted = False
     if cfg.registry.auto_promote and passed:
@@ -616,6 +622,9 @@ def _summary(cfg: AppConfig, registry: Registry, meta: ModelMetadata, *, promote
         + (f"{training['images_per_s']:.1f} img/s, " if training.get("images_per_s") else "")
         + f"checkpoints in {run_uri(cfg, training.get('run_name') or cfg.train.run_name)})",
     ]
+    rt = meta.runtime
+    lines.append(f"  runtime:  OpenVINO {rt.precision} ({rt.reason})" if rt and rt.precision else
+                 f"  runtime:  TensorFlow ({rt.reason if rt else 'no OpenVINO export'})")
     if promoted:
         lines.append(f"  promoted to production ({storage.join(registry.root, 'production')})")
     elif not cfg.registry.auto_promote:

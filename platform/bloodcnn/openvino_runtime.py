@@ -202,10 +202,19 @@ def split_batches(cfg, split: str, image_size: int, manifest=None, batch_size: i
         yield images.numpy(), np.argmax(onehot.numpy(), axis=1)
 
 
-def export_for_registration(model, cfg, image_size: int, out_dir: str | Path, manifest=None) -> RuntimeInfo | None:
+def export_for_registration(model_path: str | Path, cfg, image_size: int, out_dir: str | Path,
+                            manifest=None) -> RuntimeInfo | None:
     """The export a new version gets (``registry.export``); None, with the reason logged, when it
     is turned off, there is no validation split to gate on, or OpenVINO fails: TensorFlow then
-    serves the version, as it does versions from before this artifact existed."""
+    serves the version, as it does versions from before this artifact existed.
+
+    It runs in a child process: with OpenVINO's thread pool and Ray's in one process, the
+    training driver died of SIGSEGV when a signal stopped it later (tests/test_main_job.py).
+    """
+    import subprocess
+    import sys
+    import tempfile
+
     from bloodcnn.data.reader import load_manifest
 
     if cfg.registry.export.runtime == "none":
@@ -215,14 +224,37 @@ def export_for_registration(model, cfg, image_size: int, out_dir: str | Path, ma
         log.warning("no validation split in %s: no OpenVINO export (TensorFlow serves this version)",
                     cfg.train.dataset)
         return None
-    try:
-        info = export(model, image_size, split_batches(cfg, "val", image_size, manifest), out_dir,
-                      min_agreement=cfg.registry.export.min_agreement)
-    except Exception as exc:  # noqa: BLE001 - any failure here only costs speed, never the version
-        log.warning("OpenVINO export failed (%s: %s): TensorFlow serves this version", type(exc).__name__, exc)
-        return None
-    log.info("OpenVINO export: %s", info.reason)
-    return info
+    with tempfile.TemporaryDirectory(prefix="bloodcnn-export-") as tmp:
+        config, info = Path(tmp) / "config.json", Path(tmp) / "runtime.json"
+        config.write_text(cfg.model_dump_json())
+        cmd = [sys.executable, "-m", "bloodcnn.openvino_runtime", str(model_path), str(config), str(image_size),
+               str(out_dir), str(info)]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0 or not info.is_file():
+            log.warning("OpenVINO export failed (exit %s): TensorFlow serves this version\n%s", proc.returncode,
+                        proc.stderr[-3000:])
+            return None
+        result = RuntimeInfo.model_validate_json(info.read_text())
+    log.info("OpenVINO export: %s", result.reason)
+    return result
+
+
+def _main(argv: list[str]) -> int:
+    """``python -m bloodcnn.openvino_runtime MODEL CONFIG_JSON IMAGE_SIZE OUT_DIR INFO_JSON``."""
+    from bloodcnn.config import AppConfig
+    from bloodcnn.data.reader import load_manifest
+    from bloodcnn.model import load_model
+
+    model_path, config, image_size, out_dir, info = argv
+    cfg = AppConfig.model_validate_json(Path(config).read_text())
+    size = int(image_size)
+    manifest = load_manifest(cfg.train.dataset, cfg.storage)
+    result = export(load_model(model_path), size, split_batches(cfg, "val", size, manifest), out_dir,
+                    min_agreement=cfg.registry.export.min_agreement)
+    tmp = Path(info).with_suffix(".tmp")
+    tmp.write_text(result.model_dump_json())
+    tmp.replace(info)
+    return 0
 
 
 def serving_precision(info: RuntimeInfo | None, wanted: str = "auto") -> tuple[str | None, str]:
@@ -268,3 +300,9 @@ def export_registered(cfg, ref: str, *, force: bool = False):
         info = export(model, meta.image_size, split_batches(cfg, "val", meta.image_size, manifest),
                       Path(tmp) / "export", min_agreement=cfg.registry.export.min_agreement)
         return registry.set_runtime(meta.version, info, Path(tmp) / "export")
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(_main(sys.argv[1:]))

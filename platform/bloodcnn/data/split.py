@@ -64,8 +64,8 @@ def _pairs_sharing_a_key(keys: np.ndarray) -> np.ndarray:
 def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
     """Every pair (i < j) of hashes within ``max_distance`` bits, exactly, without the n x n matrix.
 
-    Pigeonhole: cut the hash into ``max_distance + 1`` bands; two hashes that differ in at most
-    ``max_distance`` bits agree on at least one band. Pairs that share a band are candidates,
+    Pigeonhole: deal the hash's bits into ``max_distance + 1`` bands; two hashes that differ in at
+    most ``max_distance`` bits agree on at least one band. Pairs that share a band are candidates,
     each then checked with its exact Hamming distance.
     """
     n, nbits = bits.shape
@@ -75,7 +75,14 @@ def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
         i, j = np.triu_indices(n, k=1)
         return np.stack([i, j], axis=1).astype(np.int64)
     candidates = [np.empty((0, 2), dtype=np.int64)]
-    for band in np.array_split(np.arange(nbits), max_distance + 1):
+    # Any partition of the bits into bands keeps the pigeonhole exact, so deal the bits out by
+    # entropy, round-robin: each band gets its share of informative bits. Bands cut in bit order
+    # from a low-entropy hash (a uniform background sets the same bits in every image) give one
+    # huge bucket, and candidates that grow with its square.
+    p = bits.mean(axis=0)
+    entropy = -(p * np.log2(np.clip(p, 1e-12, 1)) + (1 - p) * np.log2(np.clip(1 - p, 1e-12, 1)))
+    by_entropy = np.argsort(-entropy, kind="stable")
+    for band in (by_entropy[k::max_distance + 1] for k in range(max_distance + 1)):
         keys = np.ascontiguousarray(np.packbits(bits[:, band], axis=1))
         candidates.append(_pairs_sharing_a_key(keys.view(f"V{keys.shape[1]}").ravel()))
     pairs = np.unique(np.concatenate(candidates), axis=0)

@@ -589,7 +589,7 @@ def run_training(
         artifacts.update({"model_card.md": card_md, "model_card.html": card_html})
         with console.bar(desc="OpenVINO export and precision gate (val split)", total=1, unit="step",
                          disable=not progress or cfg.registry.export.runtime == "none", mininterval=0) as bar:
-            runtime = export_for_registration(model, cfg, cfg.train.image_size, tmp / "export", manifest)
+            runtime = export_for_registration(model_path, cfg, cfg.train.image_size, tmp / "export", manifest)
             bar.update()
         meta = registry.register(model_path, metadata, artifacts=artifacts, version=version,
                                  runtime=(runtime, tmp / "export") if runtime else None)

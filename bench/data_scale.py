@@ -1,0 +1,153 @@
+"""Data prepare at 10k, 100k and 300k images, and batch scoring against its runtime's ceiling.
+
+    .venv/bin/python bench/data_scale.py [--sizes 10000 100000 300000] [--score-images 10000]
+
+1. Generates class folders of small synthetic JPEGs by code (32 px, four classes, as
+   ``bloodcnn.data.synthetic``; nothing from ../shared) for each size.
+2. Runs ``bloodcnn data prepare`` on each in its own process (no offline copies, defaults
+   otherwise: validation, sha256 de-duplication, near-duplicate grouping, grouped split, shards,
+   manifest), timing it and reading that process's peak RSS from ``wait4``.
+3. Registers a 224 px model (ImageNet backbone, random head) with its OpenVINO export, measures
+   the runtime's in-process throughput at batch 32 (the predictor serving and batch scoring load),
+   then runs ``bloodcnn predict`` (Ray Data, actor pool, default settings) over the first
+   ``--score-images`` images and compares its steady rate (after the first results) with it.
+
+Writes ``bench/results/data-scale.json`` with the goals time_per_image_ratio_largest_over_smallest,
+peak_driver_rss_mb_largest and batch_scoring_over_runtime_ceiling (largest = the largest size run).
+Today prepare peaks near 4.9 GB at 100,000 of these images (docs/benchmarks.md), so the default
+300,000 needs a machine with well over 15 GB free.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from _common import DEFAULT_WEIGHTS, REPO, goal, write_result
+
+
+def make_folders(root: Path, n: int, size: int = 32) -> Path:
+    """``n`` synthetic JPEGs in 4 class folders (the same generator the tests use)."""
+    from bloodcnn.data.synthetic import make_class_folders
+
+    return make_class_folders(root, per_class=n // 4, size=size, seed=n)
+
+
+def prepare(source: Path, output: Path, log: Path) -> dict:
+    """``bloodcnn data prepare`` in a child process: wall time and the child's peak RSS."""
+    env = {**os.environ, "BLOODCNN__DATA__AUGMENT__COPIES": "0", "BLOODCNN__DATA__WORKERS": str(os.cpu_count())}
+    cmd = [sys.executable, "-m", "bloodcnn", "data", "prepare", "--source", str(source), "--output", str(output),
+           "--no-progress"]
+    t0 = time.perf_counter()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT, cwd=REPO)
+        _, status, usage = os.wait4(proc.pid, 0)
+    seconds = time.perf_counter() - t0
+    if os.waitstatus_to_exitcode(status) != 0:
+        raise RuntimeError(f"prepare of {source} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
+    return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
+
+
+def runtime_ceiling(loaded, x: np.ndarray, seconds: float = 10.0) -> float:
+    loaded.predictor.predict(x)
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        loaded.predictor.predict(x)
+        n += len(x)
+    return n / (time.perf_counter() - t0)
+
+
+def score(source: Path, n: int, work: Path, weights: str) -> dict:
+    from bloodcnn.batch_predict import predict_command
+    from bloodcnn.config import load_config
+    from bloodcnn.inference import load_for_model
+    from bloodcnn.loaded_model import load_version
+    from bloodcnn.openvino_runtime import export
+    from bloodcnn.registry import Registry
+    from serving import devtools
+
+    images = work / "score-input"
+    files = sorted(source.rglob("*.jpg"))
+    for f in files[:: max(1, len(files) // n)][:n]:
+        target = images / f.parent.name / f.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if not target.exists():
+            os.link(f, target)
+    uri = str(work / "models")
+    model = devtools.make_model(224, weights=weights, kernel_scale=1.0, seed=1)
+    meta = devtools.register_model(uri, model, version="scale-224")
+    registry = Registry(uri, "bloodcnn")
+    sample = sorted(images.rglob("*.jpg"))[:64]
+    x = np.stack([load_for_model(f.read_bytes(), 224)[0] for f in sample])
+    labels = model.predict(x, verbose=0).argmax(1)
+    info = export(model, 224, [(x[i:i + 32], labels[i:i + 32]) for i in range(0, len(x), 32)], work / "export")
+    registry.set_runtime(meta.version, info, work / "export")
+    loaded = load_version(registry, meta.version, work / "cache", 32, (uri, "bloodcnn"))
+    ceiling = runtime_ceiling(loaded, x[:32])
+    del loaded
+    cfg = load_config(environ={}, overrides={"registry": {"uri": uri}})
+    summary = predict_command(cfg, input_uri=str(images), output=str(work / "predictions.parquet"),
+                              log_file=work / "predict.log", progress=False)
+    return {"images": summary.rows, "errors": sum(summary.errors.values()), "runtime": info.precision,
+            "runtime_ceiling_ips": round(ceiling, 1), "images_per_s": round(summary.images_per_s, 1),
+            "steady_images_per_s": round(summary.loaded_images_per_s or 0.0, 1), "seconds": round(summary.seconds, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[10_000, 100_000, 300_000])
+    ap.add_argument("--score-images", type=int, default=10_000)
+    ap.add_argument("--weights", default=str(DEFAULT_WEIGHTS))
+    ap.add_argument("--workdir", default=None, help="default: a temporary folder, removed afterwards")
+    ap.add_argument("--no-write", action="store_true")
+    args = ap.parse_args()
+
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bloodcnn-data-scale-"))
+    work.mkdir(parents=True, exist_ok=True)
+    rows = []
+    try:
+        for n in sorted(args.sizes):
+            t0 = time.perf_counter()
+            src = make_folders(work / f"src-{n}", n)
+            made = time.perf_counter() - t0
+            r = {"images": n, "generate_s": round(made, 1),
+                 **prepare(src, work / f"ds-{n}", work / "prepare.log")}
+            r["ms_per_image"] = round(1000 * r["seconds"] / n, 3)
+            rows.append(r)
+            print(f"  prepare {n:>7} images: {r['seconds']:7.1f} s  {r['ms_per_image']:.3f} ms/img  "
+                  f"peak RSS {r['peak_rss_mb']:7.1f} MB  (generated in {made:.0f} s)", flush=True)
+            shutil.rmtree(work / f"ds-{n}", ignore_errors=True)
+            if n != min(args.sizes):
+                shutil.rmtree(src, ignore_errors=True)
+        scoring = score(work / f"src-{min(args.sizes)}", args.score_images, work, args.weights)
+        print(f"  batch scoring: {scoring}", flush=True)
+    finally:
+        if not args.workdir:
+            shutil.rmtree(work, ignore_errors=True)
+    small, large = rows[0], rows[-1]
+    goals = {
+        "time_per_image_ratio_largest_over_smallest": goal(round(large["ms_per_image"] / small["ms_per_image"], 3),
+                                                           "<= 1.5"),
+        "peak_driver_rss_mb_largest": goal(large["peak_rss_mb"], "<= 2048"),
+        "batch_scoring_over_runtime_ceiling": goal(
+            round(scoring["steady_images_per_s"] / scoring["runtime_ceiling_ips"], 3), ">= 0.8"),
+    }
+    for name, g in goals.items():
+        print(f"- [{'x' if g['met'] else ' '}] {name} {g['target']}: {g['value']}")
+    if not args.no_write:
+        out = write_result("data-scale", "python bench/data_scale.py " + " ".join(sys.argv[1:]), goals,
+                           prepare=rows, batch_scoring=scoring)
+        print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -7,7 +7,6 @@ Fast: the FastAPI app in-process through raw ASGI with a fake backend (no Ray, n
 
 from __future__ import annotations
 
-import asyncio
 import base64
 import io
 import json
@@ -19,6 +18,8 @@ from PIL import Image
 
 from serving.api import create_api
 from serving.settings import IngressSettings
+
+from asgi_support import asgi_request
 
 KEY = "openapi-truth-key"
 AUTH = [(b"x-api-key", KEY.encode())]
@@ -56,34 +57,7 @@ class _Backend:
 def _asgi(app, method: str, path: str, headers=(), body: bytes = b"", query: bytes = b"",
           root_path: str = "") -> tuple[int, dict[str, str], bytes]:
     """One request through the ASGI app: (status, headers with lower-case names, body)."""
-
-    async def run():
-        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-                 "scheme": "http", "path": root_path + path, "raw_path": (root_path + path).encode(),
-                 "root_path": root_path, "query_string": query, "headers": list(headers),
-                 "client": ("127.0.0.1", 12345), "server": ("127.0.0.1", 8000)}
-        sent = False
-        start: dict = {}
-        out: list[bytes] = []
-
-        async def receive():
-            nonlocal sent
-            if sent:
-                await asyncio.sleep(0)
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                start.update(message)
-            elif message["type"] == "http.response.body":
-                out.append(message.get("body", b""))
-
-        await app(scope, receive, send)
-        return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, b"".join(out)
-
-    return asyncio.run(run())
+    return asgi_request(app, method, root_path + path, headers, body, query, root_path)
 
 
 @pytest.fixture(scope="module")

@@ -12,7 +12,6 @@ tests/test_helm_chart.py::test_no_secret_outside_secrets.
 
 from __future__ import annotations
 
-import asyncio
 import copy
 import json
 import os
@@ -32,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import helm_support as hs  # noqa: E402
 import ray_support  # noqa: E402
+
+from asgi_support import asgi_request
 
 CI_VALUES = sorted((REPO / "helm" / "ci").glob("*.yaml"))
 
@@ -122,36 +123,8 @@ class _FakeBackend:
 def _asgi(app, method: str, path: str, headers: list[tuple[bytes, bytes]] = (), body: bytes = b"",
           root_path: str = "") -> tuple[int, bytes]:
     """One request through the ASGI app with the path exactly as given (no client normalisation)."""
-
-    async def run():
-        scope = {
-            "type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": method,
-            "scheme": "http", "path": path, "raw_path": path.encode("latin-1", "replace"),
-            "root_path": root_path, "query_string": b"", "headers": list(headers),
-            "client": ("127.0.0.1", 12345), "server": ("127.0.0.1", 8000),
-        }
-        sent = False
-        status = [0]
-        out = []
-
-        async def receive():
-            nonlocal sent
-            if sent:
-                await asyncio.sleep(0)
-                return {"type": "http.disconnect"}
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": False}
-
-        async def send(message):
-            if message["type"] == "http.response.start":
-                status[0] = message["status"]
-            elif message["type"] == "http.response.body":
-                out.append(message.get("body", b""))
-
-        await app(scope, receive, send)
-        return status[0], b"".join(out)
-
-    return asyncio.run(run())
+    status, _, out = asgi_request(app, method, path, headers, body, root_path=root_path)
+    return status, out
 
 
 @pytest.fixture(scope="module")

@@ -43,6 +43,9 @@ def _record(request):
     """Writes bench/results/k8s-e2e.json when the module ends, and always takes the cluster down."""
     if os.geteuid() != 0:
         pytest.fail("the local-Kubernetes e2e needs root (network namespace, containerd, kubelet)")
+    # the Debian tools first (iptables among them): the host is compared with itself afterwards,
+    # and on a fresh machine iptables-save is not there yet
+    run(["bash", REPO / "k8s" / "local" / "prereqs.sh"], timeout=1200)
     RESULTS["host_before"] = host_snapshot()
     t0 = time.monotonic()
     failed_before = request.session.testsfailed

@@ -162,7 +162,15 @@ restore_host_state() {
   if [[ -f "${STATE}/host-created" ]]; then
     while read -r line; do
       [[ -n "${line}" && -e "${line}" ]] || continue
-      if [[ "${line}" == /run/netns ]]; then rmdir "${line}" 2>/dev/null || true; else rm -rf "${line}"; fi
+      if [[ "${line}" == /run/netns ]]; then
+        # ip netns add bind-mounts /run/netns on itself: undo that too once no namespace is left
+        if [[ -z "$(ls -A /run/netns 2>/dev/null)" ]]; then
+          mountpoint -q /run/netns && { umount /run/netns 2>/dev/null || true; }
+          rmdir /run/netns 2>/dev/null || true
+        fi
+      else
+        rm -rf "${line}"
+      fi
     done < "${STATE}/host-created"
   fi
 }

@@ -32,6 +32,7 @@ from pathlib import Path
 import numpy as np
 
 from _common import DEFAULT_WEIGHTS, REPO, goal, write_result
+from serve_load import runtime_ceiling
 
 
 def make_folders(root: Path, n: int, size: int = 32) -> Path:
@@ -54,15 +55,6 @@ def prepare(source: Path, output: Path, log: Path) -> dict:
     if os.waitstatus_to_exitcode(status) != 0:
         raise RuntimeError(f"prepare of {source} failed (exit {os.waitstatus_to_exitcode(status)}); see {log}")
     return {"seconds": round(seconds, 1), "peak_rss_mb": round(usage.ru_maxrss / 1024, 1)}
-
-
-def runtime_ceiling(loaded, x: np.ndarray, seconds: float = 10.0) -> float:
-    loaded.predictor.predict(x)
-    n, t0 = 0, time.perf_counter()
-    while time.perf_counter() - t0 < seconds:
-        loaded.predictor.predict(x)
-        n += len(x)
-    return n / (time.perf_counter() - t0)
 
 
 def score(source: Path, n: int, work: Path, weights: str) -> dict:
@@ -91,7 +83,7 @@ def score(source: Path, n: int, work: Path, weights: str) -> dict:
     info = export(model, 224, [(x[i:i + 32], labels[i:i + 32]) for i in range(0, len(x), 32)], work / "export")
     registry.set_runtime(meta.version, info, work / "export")
     loaded = load_version(registry, meta.version, work / "cache", 32, (uri, "bloodcnn"))
-    ceiling = runtime_ceiling(loaded, x[:32])
+    ceiling = runtime_ceiling(loaded, x, seconds=10.0)["ips"]
     del loaded
     cfg = load_config(environ={}, overrides={"registry": {"uri": uri}})
     summary = predict_command(cfg, input_uri=str(images), output=str(work / "predictions.parquet"),

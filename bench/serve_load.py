@@ -37,7 +37,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, dataset_jpegs, goal, multipart_bodies, percentile, write_result
+from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, REPO, dataset_jpegs, goal, multipart_bodies, percentile, write_result
 
 
 def load(url: str, ctype: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
@@ -251,7 +251,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     ctype, bodies = multipart_bodies(raw_images)
 
-    results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "args": vars(args)}
+    # paths relative to the checkout: the figures are committed
+    shown = {k: os.path.relpath(v, REPO) if k in ("weights", "images") else v for k, v in vars(args).items()}
+    results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "args": shown}
     with S3Server(buckets=("bloodcnn",)) as s3, tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         os.environ.update(s3.env())
         storage._s3_store.cache_clear()

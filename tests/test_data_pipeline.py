@@ -186,6 +186,26 @@ def test_interrupted_run_leaves_no_manifest_then_completes(synthetic_source, s3_
     assert m.unique_images == 200
 
 
+def test_a_source_changed_after_the_scan_fails_and_writes_no_manifest(tmp_path, s3_prefix, monkeypatch):
+    """Shard writers read each file again: one that changed since the scan is refused, not shipped."""
+    from bloodcnn.data import prepare as prepare_module
+
+    src = make_class_folders(tmp_path / "src", per_class=8, size=48)
+    cfg = synthetic_config(src, s3_prefix)
+    real_split = prepare_module.split_catalog
+
+    def split_then_edit(entries, *args):
+        result = real_split(entries, *args)
+        victim = src / result.unique[0].source
+        Image.open(victim).rotate(90).save(victim, quality=90)
+        return result
+
+    monkeypatch.setattr(prepare_module, "split_catalog", split_then_edit)
+    with pytest.raises(DatasetError, match="source changed while preparing: .*sha256 differs"):
+        prepare_dataset(cfg, progress=False)
+    assert not storage.exists(storage.join(s3_prefix, "manifest.json"))
+
+
 def test_cli_prepares_from_s3_source_with_bad_images_skipped(tmp_path, s3_prefix):
     src = make_class_folders(tmp_path / "src", per_class=6, size=48, classes=("A", "B"))
     (src / "A" / "notes.jpg").write_text("this is not a picture")

@@ -38,7 +38,8 @@ class CatalogEntry:
     ahash: np.ndarray  # bool bits
     width: int
     height: int
-    jpeg: bytes  # RGB baseline JPEG bytes (the original file when it already is one)
+    # No pixels or bytes: the catalogue of a million images must fit in the driver. The shard
+    # writers read each file again (``load_jpeg``) and check it still has this sha256.
 
 
 @dataclass
@@ -76,8 +77,8 @@ def _check_source(source: str, store) -> None:
         raise DatasetError(f"source folder not found: {source}")
 
 
-def _inspect(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, int, int, bytes]:
-    """Decode fully, check size and mode; return (ahash bits, w, h, RGB JPEG bytes)."""
+def _decode(data: bytes, cfg: DataConfig) -> Image.Image:
+    """Decode fully and check size and mode; ``ValueError`` says what is wrong with the file."""
     if not data:
         raise ValueError("empty file")
     try:
@@ -98,15 +99,35 @@ def _inspect(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, int, int, bytes]
     w, h = img.size
     if min(w, h) < cfg.min_size:
         raise ValueError(f"too small: {w}x{h} (min_size is {cfg.min_size})")
-    rgb = img if img.mode == "RGB" else img.convert("RGB")
-    bits = imagehash.average_hash(rgb, hash_size=cfg.hash_size).hash.flatten()
+    return img
+
+
+def _rgb(img: Image.Image) -> Image.Image:
+    return img if img.mode == "RGB" else img.convert("RGB")
+
+
+def _inspect(data: bytes, cfg: DataConfig) -> tuple[np.ndarray, int, int]:
+    """Validate one file; return (ahash bits, width, height)."""
+    img = _decode(data, cfg)
+    bits = imagehash.average_hash(_rgb(img), hash_size=cfg.hash_size).hash.flatten()
+    return bits, img.width, img.height
+
+
+def load_jpeg(entry: CatalogEntry, cfg: DataConfig, store) -> bytes:
+    """The entry's image as RGB JPEG bytes: the file itself when it already is one, else re-encoded.
+
+    The file is read again and must still have the catalogue's sha256: a source changed
+    between scanning and writing would put pixels in a shard that the manifest does not describe.
+    """
+    data = store.read_bytes(entry.uri)
+    if hashlib.sha256(data).hexdigest() != entry.sha256:
+        raise DatasetError(f"source changed while preparing: {entry.uri} (its sha256 differs from the scan's)")
+    img = _decode(data, cfg)
     if img.format == "JPEG" and img.mode == "RGB":
-        jpeg = data
-    else:
-        buf = io.BytesIO()
-        rgb.save(buf, format="JPEG", quality=95)
-        jpeg = buf.getvalue()
-    return bits, w, h, jpeg
+        return data
+    buf = io.BytesIO()
+    _rgb(img).save(buf, format="JPEG", quality=95)
+    return buf.getvalue()
 
 
 def build_catalog(cfg: DataConfig, storage_config: StorageConfig | None = None, progress: bool = True) -> Catalog:
@@ -134,10 +155,10 @@ def build_catalog(cfg: DataConfig, storage_config: StorageConfig | None = None, 
             return BadImage(path=rel, reason=f"not an image file type ({Path(rel).suffix or 'no extension'})")
         data = store.read_bytes(uri)
         try:
-            bits, w, h, jpeg = _inspect(data, cfg)
+            bits, w, h = _inspect(data, cfg)
         except ValueError as exc:
             return BadImage(path=rel, reason=str(exc))
-        return CatalogEntry(rel, uri, label, hashlib.sha256(data).hexdigest(), bits, w, h, jpeg)
+        return CatalogEntry(rel, uri, label, hashlib.sha256(data).hexdigest(), bits, w, h)
 
     entries: list[CatalogEntry] = []
     bad: list[BadImage] = []

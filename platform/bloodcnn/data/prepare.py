@@ -21,7 +21,7 @@ import numpy as np
 from bloodcnn import console, storage
 from bloodcnn.config import AppConfig
 from bloodcnn.data.augment import augment_jpeg
-from bloodcnn.data.catalog import Catalog, build_catalog
+from bloodcnn.data.catalog import Catalog, build_catalog, load_jpeg
 from bloodcnn.data.manifest import MANIFEST_FILE, SPLITS, ImageEntry, Manifest, ShardInfo, SplitInfo
 from bloodcnn.data.shards import encode_example, shard_names, write_shard
 from bloodcnn.data.split import SplitResult, split_catalog
@@ -65,28 +65,88 @@ def _existing(output: str, version: str, store) -> Manifest | None:
     return manifest
 
 
-def _records(catalog: Catalog, result: SplitResult, app: AppConfig, progress: bool) -> dict[str, list[bytes]]:
+def shard_plan(result: SplitResult, app: AppConfig) -> dict[str, list[tuple[str, list[tuple[int, int]]]]]:
+    """Per split, each shard's name and its images as ``(unique index, copy)``; copy 0 is the original.
+
+    Only indices, so the driver holds no image bytes. Each split is shuffled (seeded) so classes
+    and copies mix across shards and each training worker sees every class.
+    """
     cfg = app.data
-    out: dict[str, list[bytes]] = {s: [] for s in SPLITS}
-    for entry, split in zip(result.unique, result.splits):
-        out[split].append(encode_example(entry.jpeg, entry.label, entry.sha256))
-    train = [e for e, s in zip(result.unique, result.splits) if s == "train"]
-    jobs = [(e, k) for e in train for k in range(1, cfg.augment.copies + 1)]
-
-    def work(job):
-        entry, k = job
-        jpeg = augment_jpeg(entry.jpeg, entry.sha256, k, cfg.split.seed, cfg.augment)
-        return encode_example(jpeg, entry.label, f"{entry.sha256}-aug{k}")
-
-    with ThreadPoolExecutor(cfg.workers) as pool:
-        for rec in console.bar(pool.map(work, jobs), total=len(jobs), desc="augment", unit="img",
-                               disable=not progress or not jobs):
-            out["train"].append(rec)
+    items: dict[str, list[tuple[int, int]]] = {s: [] for s in SPLITS}
+    for i, split in enumerate(result.splits):
+        items[split].append((i, 0))
+    train = [i for i, s in enumerate(result.splits) if s == "train"]
+    items["train"] += [(i, k) for i in train for k in range(1, cfg.augment.copies + 1)]
     rng = np.random.default_rng(cfg.split.seed)
-    for split in SPLITS:  # mix classes (and copies) across shards so each worker sees every class
-        order = rng.permutation(len(out[split]))
-        out[split] = [out[split][i] for i in order]
-    return out
+    plan = {}
+    for split in SPLITS:
+        order = rng.permutation(len(items[split]))
+        mixed = [items[split][i] for i in order]
+        names = shard_names(split, len(mixed), cfg.shard_size)
+        plan[split] = [(name, mixed[j * cfg.shard_size:(j + 1) * cfg.shard_size]) for j, name in enumerate(names)]
+    return plan
+
+
+def _write_shard(
+    name: str, items: list[tuple[int, int]], result: SplitResult, app: AppConfig, version: str,
+    source, store, tmp: Path,
+) -> ShardInfo:
+    """Read, augment and encode one shard's images, write it and upload it: one shard in memory."""
+    cfg = app.data
+    records = []
+    for i, k in items:
+        entry = result.unique[i]
+        jpeg = load_jpeg(entry, cfg, source)
+        if k == 0:
+            records.append(encode_example(jpeg, entry.label, entry.sha256))
+        else:
+            jpeg = augment_jpeg(jpeg, entry.sha256, k, cfg.split.seed, cfg.augment)
+            records.append(encode_example(jpeg, entry.label, f"{entry.sha256}-aug{k}"))
+    local = tmp / name
+    sha, size, count = write_shard(local, records)
+    rel = f"{version}/shards/{name}"
+    store.upload_file(local, storage.join(cfg.output, rel))
+    local.unlink()
+    return ShardInfo(path=rel, sha256=sha, size=size, count=count)
+
+
+def write_shards(
+    catalog: Catalog, result: SplitResult, app: AppConfig, version: str, store, progress: bool
+) -> dict[str, SplitInfo]:
+    """Every shard, written ``data.workers`` at a time and uploaded as it is done.
+
+    The first failure cancels the shards not started yet; no manifest points to what was written.
+    """
+    cfg = app.data
+    plan = shard_plan(result, app)
+    source = storage.store_for(cfg.source, app.storage)
+    shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
+    with tempfile.TemporaryDirectory(prefix="bloodcnn-shards-") as tmp:
+        pool = ThreadPoolExecutor(cfg.workers)
+        try:
+            futures = [
+                (split, pool.submit(_write_shard, name, items, result, app, version, source, store, Path(tmp)))
+                for split in SPLITS
+                for name, items in plan[split]
+            ]
+            total = sum(len(items) for split in SPLITS for _, items in plan[split])
+            with console.bar(total=total, desc="write shards", unit="img", disable=not progress) as bar:
+                for split, future in futures:
+                    shard = future.result()
+                    shards[split].append(shard)
+                    bar.update(shard.count)
+        finally:
+            pool.shutdown(wait=True, cancel_futures=True)
+    splits = {}
+    for split in SPLITS:
+        counts = {name: 0 for name in catalog.class_names}
+        for entry, s in zip(result.unique, result.splits):
+            if s == split:
+                counts[catalog.class_names[entry.label]] += 1
+        total = sum(len(items) for _, items in plan[split])
+        splits[split] = SplitInfo(counts=counts, augmented=total - sum(counts.values()), total=total,
+                                  shards=shards[split])
+    return splits
 
 
 def class_balance_png(counts: dict[str, dict[str, int]], augmented: int, class_names: list[str]) -> bytes:
@@ -142,29 +202,7 @@ def prepare_dataset(app: AppConfig, progress: bool = True) -> Manifest:
         log.info("dataset %s is already prepared at %s: nothing to do", version, cfg.output)
         return existing
 
-    records = _records(catalog, result, app, progress)
-    splits: dict[str, SplitInfo] = {}
-    with tempfile.TemporaryDirectory(prefix="bloodcnn-shards-") as tmp:
-        total_shards = sum(len(shard_names(s, len(records[s]), cfg.shard_size)) for s in SPLITS)
-        bar = console.bar(total=total_shards, desc="write shards", unit="shard", disable=not progress)
-        for split in SPLITS:
-            recs = records[split]
-            shards = []
-            for i, name in enumerate(shard_names(split, len(recs), cfg.shard_size)):
-                local = Path(tmp) / name
-                sha, size, count = write_shard(local, recs[i * cfg.shard_size:(i + 1) * cfg.shard_size])
-                rel = f"{version}/shards/{name}"
-                store.upload_file(local, storage.join(cfg.output, rel))
-                local.unlink()
-                shards.append(ShardInfo(path=rel, sha256=sha, size=size, count=count))
-                bar.update()
-            counts = {name: 0 for name in catalog.class_names}
-            for entry, s in zip(result.unique, result.splits):
-                if s == split:
-                    counts[catalog.class_names[entry.label]] += 1
-            originals = sum(counts.values())
-            splits[split] = SplitInfo(counts=counts, augmented=len(recs) - originals, total=len(recs), shards=shards)
-        bar.close()
+    splits = write_shards(catalog, result, app, version, store, progress)
 
     group_sizes = np.bincount(result.groups) if len(result.groups) else np.zeros(0)
     plot_rel = f"{version}/class_balance.png"

@@ -21,6 +21,9 @@ from bloodcnn.data.catalog import CatalogEntry
 from bloodcnn.data.manifest import DatasetError, DuplicateEntry, SPLITS
 
 
+_CHECK_CHUNK = 1 << 20  # candidate pairs checked at once: bounds the memory of the exact check
+
+
 @dataclass
 class SplitResult:
     unique: list[CatalogEntry]
@@ -85,10 +88,14 @@ def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
     for band in (by_entropy[k::max_distance + 1] for k in range(max_distance + 1)):
         keys = np.ascontiguousarray(np.packbits(bits[:, band], axis=1))
         candidates.append(_pairs_sharing_a_key(keys.view(f"V{keys.shape[1]}").ravel()))
-    pairs = np.unique(np.concatenate(candidates), axis=0)
+    flat = np.concatenate(candidates)
+    pairs = np.stack(np.divmod(np.unique(flat[:, 0] * n + flat[:, 1]), n), axis=1)  # sorted, each once
     packed = np.packbits(bits, axis=1)
-    dist = np.bitwise_count(packed[pairs[:, 0]] ^ packed[pairs[:, 1]]).sum(axis=1)
-    return pairs[dist <= max_distance]
+    keep = np.zeros(len(pairs), dtype=bool)
+    for lo in range(0, len(pairs), _CHECK_CHUNK):  # a bounded slice of the candidates at a time
+        a, b = pairs[lo:lo + _CHECK_CHUNK].T
+        keep[lo:lo + _CHECK_CHUNK] = np.bitwise_count(packed[a] ^ packed[b]).sum(axis=1) <= max_distance
+    return pairs[keep]
 
 
 def near_duplicate_groups(entries: list[CatalogEntry], max_distance: int) -> np.ndarray:
@@ -110,11 +117,13 @@ def grouped_stratified_split(
     fractions = {"train": cfg.train, "val": cfg.val, "test": cfg.test}
     out = [""] * len(labels)
     rng = np.random.default_rng(cfg.seed)
+    order = np.argsort(groups, kind="stable")  # each group's members, ascending, in one pass
+    runs = np.split(order, np.flatnonzero(np.diff(groups[order])) + 1)
+    group_items = {int(groups[run[0]]): run for run in runs if len(run)}
     for cls in sorted(set(labels.tolist())):
         members = np.flatnonzero(labels == cls)
         # a group belongs to the class of most of its members
         cls_groups = sorted({int(g) for g in groups[members]})
-        group_items = {g: np.flatnonzero(groups == g) for g in cls_groups}
         cls_groups = [g for g in cls_groups if np.bincount(labels[group_items[g]]).argmax() == cls]
         rng.shuffle(cls_groups)
         total = sum(len(group_items[g]) for g in cls_groups)

@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 
 from conftest import E2E_WRITTEN, REPO, WEIGHTS
-from k8s_support import (CHART, CLUSTER_SCRIPT, IMAGE_SCRIPT, LOCAL_VALUES, STATE, Fatal, cluster_processes, helm,
+from k8s_support import (CHART, CLUSTER_SCRIPT, IMAGE_SCRIPT, LOCAL_VALUES, NETNS, STATE, Fatal, cluster_processes, helm,
                          host_snapshot, kjson, kubectl, run, snapshot_diff, wait_until)
 from load_support import PredictLoad
 
@@ -46,6 +46,11 @@ def _record(request):
     # the Debian tools first (iptables among them): the host is compared with itself afterwards,
     # and on a fresh machine iptables-save is not there yet
     run(["bash", REPO / "k8s" / "local" / "prereqs.sh"], timeout=1200)
+    # A run killed before its teardown (a CI timeout, a lost machine) leaves its cluster up: the host
+    # to compare with is the one without it, so such a leftover is taken down first, loudly.
+    if STATE.exists() or Path(f"/run/netns/{NETNS}").exists() or cluster_processes():
+        print(f"\na cluster of an earlier run is still up ({STATE}): taking it down first")
+        run(["bash", CLUSTER_SCRIPT, "down"], timeout=300)
     RESULTS["host_before"] = host_snapshot()
     t0 = time.monotonic()
     failed_before = request.session.testsfailed

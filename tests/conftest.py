@@ -90,7 +90,8 @@ def synthetic_source(tmp_path_factory) -> Path:
 def synthetic_config(source: Path, output: str, **data):
     from bloodcnn.config import load_config
 
-    base = {"source": str(source), "output": output, "shard_size": 16, "augment": {"copies": 1}, "workers": 2}
+    base = {"source": str(source), "output": output, "shard_size": 16, "augment": {"copies": 1}, "workers": 2,
+            "engine": "threads"}  # the Ray Data engine has its own tests (test_prepare_cluster.py)
     base.update(data)
     return load_config(environ={}, overrides={"data": base})
 

@@ -43,9 +43,9 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from bloodcnn import console, storage
+from bloodcnn.data import engine
 from bloodcnn.config import AppConfig, StorageConfig
 from bloodcnn.registry import ModelMetadata, Registry
 
@@ -307,29 +307,6 @@ def dataset(p: Plan, *, batch_size: int, actors: int):
     )
 
 
-def _quiet_ray_data() -> dict[str, Any]:
-    """Ray Data's own bars and banners off (our bar is the one), results in input order."""
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    saved = {"enable_progress_bars": ctx.enable_progress_bars, "print_on_execution_start": ctx.print_on_execution_start,
-             "enable_auto_log_stats": ctx.enable_auto_log_stats, "preserve_order": ctx.execution_options.preserve_order}
-    ctx.enable_progress_bars = False
-    ctx.print_on_execution_start = False
-    ctx.enable_auto_log_stats = False
-    ctx.execution_options.preserve_order = True
-    return saved
-
-
-def _restore_ray_data(saved: dict[str, Any]) -> None:
-    from ray.data import DataContext
-
-    ctx = DataContext.get_current()
-    ctx.execution_options.preserve_order = saved.pop("preserve_order")
-    for k, v in saved.items():
-        setattr(ctx, k, v)
-
-
 def _cause(exc: BaseException) -> str:
     """The user's part of a Ray error: its innermost ``SomeError: message`` line."""
     text = str(exc).strip()
@@ -369,7 +346,7 @@ def score(p: Plan, *, batch_size: int = 32, actors: int = 2, progress: bool = Tr
     fd, tmp = tempfile.mkstemp(dir=tmp_dir, prefix=f".{Path(p.output).name}.", suffix=".tmp")
     os.close(fd)
     summary = Summary()
-    saved = _quiet_ray_data()
+    saved = engine.quiet_ray_data()
     t0 = time.perf_counter()
     try:
         with pq.ParquetWriter(tmp, schema) as writer, \
@@ -401,7 +378,7 @@ def score(p: Plan, *, batch_size: int = 32, actors: int = 2, progress: bool = Tr
         storage.write_bytes(p.plot, class_counts_png(summary, p.meta), p.storage)
     finally:
         Path(tmp).unlink(missing_ok=True)
-        _restore_ray_data(saved)
+        engine.restore_ray_data(saved)
     return summary
 
 
@@ -452,23 +429,6 @@ def summary_table(summary: Summary, meta: ModelMetadata) -> str:
 # --------------------------------------------------------------------------- the command
 
 
-def _ensure_ray() -> str:
-    """Connect to ``$RAY_ADDRESS`` or start a private local Ray; returns a line for the user."""
-    import ray
-
-    from bloodcnn import lifecycle
-
-    if not ray.is_initialized():
-        address = os.environ.get("RAY_ADDRESS") or "local"  # "local": never attach to a stray cluster
-        if lifecycle.active() is not None:
-            lifecycle.keep_handlers_in_ray()
-        ray.init(address=address, include_dashboard=False, log_to_driver=True)
-        lifecycle.reinstall()
-    cpus = ray.cluster_resources().get("CPU", 0)
-    where = os.environ.get("RAY_ADDRESS") or "a local Ray"
-    return f"==> ray: {where}, {cpus:g} CPU(s)"
-
-
 def _model_lines(p: Plan) -> str:
     m, c = p.meta, p.meta.calibration
     how = (f"calibrated: T {c.temperature:.2f}, {c.score} sets at alpha {c.alpha:g}, {p.uncertain_rule} rule"
@@ -499,7 +459,7 @@ def predict_command(cfg: AppConfig, *, input_uri: str, output: str, model: str =
         console.say(f"==> input: {len(p.files)} image(s) in {input_uri}{ignored}")
         console.say(_model_lines(p))
         with lifecycle.guarded_local_ray("predict"):
-            console.say(_ensure_ray())
+            console.say(engine.connect())
             console.say(f"==> predicting: {actors} actor(s), batches of {batch_size}")
             try:
                 summary = score(p, batch_size=batch_size, actors=actors, progress=progress)

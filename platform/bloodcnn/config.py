@@ -78,7 +78,10 @@ class DataConfig(_Section):
     shard_size: int = Field(256, ge=1, description="images per TFRecord shard")
     split: SplitConfig = Field(default_factory=SplitConfig)
     augment: AugmentConfig = Field(default_factory=AugmentConfig)
-    workers: int = Field(4, ge=1, description="threads for decoding and hashing")
+    engine: Literal["auto", "ray", "threads"] = Field(
+        "auto", description="ray: Ray Data tasks over the cluster's nodes; threads: this process; "
+                            "auto: ray when run as a Ray job ($RAY_ADDRESS) or already connected to Ray")
+    workers: int = Field(4, ge=1, description="threads for decoding, hashing and shard writing (threads engine)")
 
     @field_validator("source", "output")
     @classmethod

@@ -66,6 +66,8 @@ class Manifest(BaseModel):
     near_duplicate_groups: int = Field(0, description="groups with more than one unique image")
     images: list[ImageEntry]
     plots: list[str] = Field(default_factory=list)
+    nodes: dict[str, dict[str, int]] = Field(
+        default_factory=dict, description="per stage, the images each node (a Ray node id, or a host) did")
 
     @property
     def num_classes(self) -> int:

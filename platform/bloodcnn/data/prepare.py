@@ -12,14 +12,14 @@ import io
 import json
 import logging
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
 
-from bloodcnn import console, storage
+from bloodcnn import storage
 from bloodcnn.config import AppConfig
+from bloodcnn.data import engine
 from bloodcnn.data.augment import augment_jpeg
 from bloodcnn.data.catalog import Catalog, build_catalog, load_jpeg
 from bloodcnn.data.manifest import MANIFEST_FILE, SPLITS, ImageEntry, Manifest, ShardInfo, SplitInfo
@@ -87,21 +87,28 @@ def shard_plan(result: SplitResult, app: AppConfig) -> dict[str, list[tuple[str,
     return plan
 
 
-def _write_shard(
-    name: str, items: list[tuple[int, int]], result: SplitResult, app: AppConfig, version: str,
-    source, store, tmp: Path,
-) -> ShardInfo:
+def _shard_rows(result: SplitResult, app: AppConfig) -> list[dict]:
+    """One row per shard: what a writer on any node needs to make it, without the catalogue."""
+    rows = []
+    for split, shards in shard_plan(result, app).items():
+        for name, items in shards:
+            images = [(result.unique[i].uri, result.unique[i].sha256, result.unique[i].label,
+                       result.unique[i].rgb_jpeg, k) for i, k in items]
+            rows.append({"split": split, "name": name, "items": json.dumps(images), "images": len(items)})
+    return rows
+
+
+def _write_shard(name: str, images: list, app: AppConfig, version: str, source, store, tmp: Path) -> ShardInfo:
     """Read, augment and encode one shard's images, write it and upload it: one shard in memory."""
     cfg = app.data
     records = []
-    for i, k in items:
-        entry = result.unique[i]
-        jpeg = load_jpeg(entry, cfg, source)
+    for uri, sha256, label, rgb_jpeg, k in images:
+        jpeg = load_jpeg(uri, sha256, rgb_jpeg, cfg, source)
         if k == 0:
-            records.append(encode_example(jpeg, entry.label, entry.sha256))
+            records.append(encode_example(jpeg, label, sha256))
         else:
-            jpeg = augment_jpeg(jpeg, entry.sha256, k, cfg.split.seed, cfg.augment)
-            records.append(encode_example(jpeg, entry.label, f"{entry.sha256}-aug{k}"))
+            jpeg = augment_jpeg(jpeg, sha256, k, cfg.split.seed, cfg.augment)
+            records.append(encode_example(jpeg, label, f"{sha256}-aug{k}"))
     local = tmp / name
     sha, size, count = write_shard(local, records)
     rel = f"{version}/shards/{name}"
@@ -110,43 +117,52 @@ def _write_shard(
     return ShardInfo(path=rel, sha256=sha, size=size, count=count)
 
 
+def shard_batch(batch: engine.Batch, *, app: dict, version: str) -> engine.Batch:
+    """Write the batch's shards (one per task on Ray) on whichever node runs it."""
+    config = AppConfig.model_validate(app)
+    source = storage.store_for(config.data.source, config.storage)
+    store = storage.store_for(config.data.output, config.storage)
+    infos = []
+    with tempfile.TemporaryDirectory(prefix="bloodcnn-shards-") as tmp:
+        for name, items in zip(batch["name"], batch["items"]):
+            infos.append(_write_shard(str(name), json.loads(str(items)), config, version, source, store, Path(tmp)))
+    n = len(infos)
+    return {"split": np.array(batch["split"], dtype=str), "path": np.array([i.path for i in infos]),
+            "sha256": np.array([i.sha256 for i in infos]), "size": np.array([i.size for i in infos], dtype=np.int64),
+            "count": np.array([i.count for i in infos], dtype=np.int64),
+            "node": np.array([engine.node_id()] * n), "images": np.asarray(batch["images"], dtype=np.int64)}
+
+
 def write_shards(
-    catalog: Catalog, result: SplitResult, app: AppConfig, version: str, store, progress: bool
-) -> dict[str, SplitInfo]:
-    """Every shard, written ``data.workers`` at a time and uploaded as it is done.
+    catalog: Catalog, result: SplitResult, app: AppConfig, version: str, progress: bool
+) -> tuple[dict[str, SplitInfo], dict[str, int]]:
+    """Every shard, in parallel on the data engine, each uploaded as it is done.
 
     The first failure cancels the shards not started yet; no manifest points to what was written.
+    Returns the splits and the images written per node.
     """
     cfg = app.data
-    plan = shard_plan(result, app)
-    source = storage.store_for(cfg.source, app.storage)
+    rows = _shard_rows(result, app)
+    batches, nodes = engine.run_stage(
+        shard_batch, rows, total=sum(r["images"] for r in rows), desc="write shards", batch_size=1,
+        workers=cfg.workers, ray=engine.use_ray(cfg.engine), progress=progress,
+        fn_kwargs={"app": app.model_dump(mode="json"), "version": version},
+    )
     shards: dict[str, list[ShardInfo]] = {s: [] for s in SPLITS}
-    with tempfile.TemporaryDirectory(prefix="bloodcnn-shards-") as tmp:
-        pool = ThreadPoolExecutor(cfg.workers)
-        try:
-            futures = [
-                (split, pool.submit(_write_shard, name, items, result, app, version, source, store, Path(tmp)))
-                for split in SPLITS
-                for name, items in plan[split]
-            ]
-            total = sum(len(items) for split in SPLITS for _, items in plan[split])
-            with console.bar(total=total, desc="write shards", unit="img", disable=not progress) as bar:
-                for split, future in futures:
-                    shard = future.result()
-                    shards[split].append(shard)
-                    bar.update(shard.count)
-        finally:
-            pool.shutdown(wait=True, cancel_futures=True)
+    for b in batches:
+        for i in range(len(b["path"])):
+            shards[str(b["split"][i])].append(ShardInfo(path=str(b["path"][i]), sha256=str(b["sha256"][i]),
+                                                        size=int(b["size"][i]), count=int(b["count"][i])))
     splits = {}
     for split in SPLITS:
         counts = {name: 0 for name in catalog.class_names}
         for entry, s in zip(result.unique, result.splits):
             if s == split:
                 counts[catalog.class_names[entry.label]] += 1
-        total = sum(len(items) for _, items in plan[split])
+        total = sum(shard.count for shard in shards[split])
         splits[split] = SplitInfo(counts=counts, augmented=total - sum(counts.values()), total=total,
                                   shards=shards[split])
-    return splits
+    return splits, nodes
 
 
 def class_balance_png(counts: dict[str, dict[str, int]], augmented: int, class_names: list[str]) -> bytes:
@@ -187,6 +203,8 @@ def summary_table(manifest: Manifest) -> str:
         f"scanned {manifest.scanned}, bad {len(manifest.bad_images)}, exact duplicates removed "
         f"{len(manifest.exact_duplicates)}, near-duplicate groups {manifest.near_duplicate_groups}"
     )
+    for stage, per_node in manifest.nodes.items():
+        lines.append(f"{stage}: {len(per_node)} node(s), " + " + ".join(str(n) for n in per_node.values()) + " images")
     return "\n".join(lines)
 
 
@@ -202,7 +220,7 @@ def prepare_dataset(app: AppConfig, progress: bool = True) -> Manifest:
         log.info("dataset %s is already prepared at %s: nothing to do", version, cfg.output)
         return existing
 
-    splits = write_shards(catalog, result, app, version, store, progress)
+    splits, shard_nodes = write_shards(catalog, result, app, version, progress)
 
     group_sizes = np.bincount(result.groups) if len(result.groups) else np.zeros(0)
     plot_rel = f"{version}/class_balance.png"
@@ -228,6 +246,7 @@ def prepare_dataset(app: AppConfig, progress: bool = True) -> Manifest:
             for e, s, g in zip(result.unique, result.splits, result.groups)
         ],
         plots=[plot_rel],
+        nodes={"validate+hash": catalog.nodes, "write shards": shard_nodes},
     )
     store.write_bytes(storage.join(cfg.output, MANIFEST_FILE), manifest.model_dump_json(indent=1).encode())
     return manifest

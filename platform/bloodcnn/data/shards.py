@@ -23,7 +23,7 @@ def encode_example(jpeg: bytes, label: int, image_id: str) -> bytes:
         "label": tf.train.Feature(int64_list=tf.train.Int64List(value=[label])),
         "id": tf.train.Feature(bytes_list=tf.train.BytesList(value=[image_id.encode()])),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)  # same bytes every run
 
 
 def parse_example(record: tf.Tensor) -> dict[str, tf.Tensor]:

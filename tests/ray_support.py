@@ -92,3 +92,23 @@ def ray_head(env: dict[str, str], num_cpus: int, *extra_args: str, timeout_s: fl
             time.sleep(0.5)
         print(f"ray head stopped in {time.monotonic() - t0:.1f}s")
         shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+@contextmanager
+def two_ray_nodes() -> Iterator:
+    """``ray.cluster_utils.Cluster``: a head and one more node, 1 CPU each, this process joined to it
+    (the environment, S3's included, is inherited by both nodes)."""
+    import ray
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        ray.init(address=cluster.address)
+        yield cluster
+    finally:
+        ray.shutdown()
+        cluster.shutdown()

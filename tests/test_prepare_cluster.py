@@ -18,26 +18,15 @@ from bloodcnn.data import reader
 from bloodcnn.data.prepare import prepare_dataset
 
 from conftest import REPO, synthetic_config
+from ray_support import two_ray_nodes
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def two_nodes(s3_server):
-    import ray
-    from ray.cluster_utils import Cluster
-
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
+    with two_ray_nodes() as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def _without_run_facts(manifest) -> dict:

@@ -10,27 +10,17 @@ import pytest
 from bloodcnn import storage
 from bloodcnn.config import load_config
 
+from ray_support import two_ray_nodes
+
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
 def two_node_cluster(s3_server):
     """``ray.cluster_utils.Cluster``: a head and one more node, 1 CPU each (S3 env inherited)."""
-    import ray
-    from ray.cluster_utils import Cluster
-
     os.environ["RAY_TRAIN_V2_ENABLED"] = "1"
-    if ray.is_initialized():
-        ray.shutdown()
-    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": False})
-    cluster.add_node(num_cpus=1)
-    cluster.wait_for_nodes()
-    ray.init(address=cluster.address)
-    try:
+    with two_ray_nodes() as cluster:
         yield cluster
-    finally:
-        ray.shutdown()
-        cluster.shutdown()
 
 
 def test_two_nodes_and_a_restarted_job_resumes(two_node_cluster, synthetic_dataset, s3_prefix, weights_file: Path,

@@ -14,8 +14,8 @@
 
 Writes ``bench/results/data-scale.json`` with the goals time_per_image_ratio_largest_over_smallest,
 peak_driver_rss_mb_largest and batch_scoring_over_runtime_ceiling (largest = the largest size run).
-Today prepare peaks near 4.9 GB at 100,000 of these images (docs/benchmarks.md), so the default
-300,000 needs a machine with well over 15 GB free.
+The near-duplicate index checks its candidate pairs as it makes them, so prepare's peak follows
+the images (about 0.9 GB at 100,000 of these, most of it TensorFlow's import), not the candidates.
 """
 
 from __future__ import annotations

@@ -11,6 +11,7 @@ class balance.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Iterator
 
 import numpy as np
 from scipy.sparse import coo_matrix
@@ -19,9 +20,6 @@ from scipy.sparse.csgraph import connected_components
 from bloodcnn.config import SplitConfig
 from bloodcnn.data.catalog import CatalogEntry
 from bloodcnn.data.manifest import DatasetError, DuplicateEntry, SPLITS
-
-
-_CHECK_CHUNK = 1 << 20  # candidate pairs checked at once: bounds the memory of the exact check
 
 
 @dataclass
@@ -47,21 +45,19 @@ def collapse_exact(entries: list[CatalogEntry]) -> tuple[list[CatalogEntry], lis
     return sorted(kept.values(), key=lambda e: e.source), dups
 
 
-def _pairs_sharing_a_key(keys: np.ndarray) -> np.ndarray:
-    """``[P, 2]`` index pairs (i < j) of the rows of ``keys`` (one bytes key per row) that are equal."""
+def _pairs_sharing_a_key(keys: np.ndarray) -> Iterator[np.ndarray]:
+    """``[P, 2]`` index pairs (i < j) of the rows of ``keys`` (one bytes key per row) that are equal,
+    a slice at a time: rows ``offset`` apart in the sorted order that are still in one run of equal
+    keys. A slice holds at most ``len(keys)`` pairs, however large the buckets."""
     order = np.argsort(keys, kind="stable")
     sorted_keys = keys[order]
     run = np.cumsum(np.r_[0, sorted_keys[1:] != sorted_keys[:-1]])  # run id of each sorted row
-    pairs = [np.empty((0, 2), dtype=np.int64)]
-    offset = 1
-    while offset < len(run):  # rows ``offset`` apart in the sorted order, still in one run
+    for offset in range(1, len(run)):
         same = np.flatnonzero(run[offset:] == run[:-offset])
         if not len(same):
-            break
+            return
         a, b = order[same], order[same + offset]
-        pairs.append(np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1))
-        offset += 1
-    return np.concatenate(pairs)
+        yield np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
 
 
 def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
@@ -69,7 +65,9 @@ def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
 
     Pigeonhole: deal the hash's bits into ``max_distance + 1`` bands; two hashes that differ in at
     most ``max_distance`` bits agree on at least one band. Pairs that share a band are candidates,
-    each then checked with its exact Hamming distance.
+    each checked with its exact Hamming distance as soon as it is made, so only the pairs found are
+    held: memory follows the images and the near-duplicates, not the candidates (which grow with
+    the square of a band's bucket).
     """
     n, nbits = bits.shape
     if n < 2:
@@ -77,7 +75,6 @@ def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
     if max_distance >= nbits:  # every pair is within reach
         i, j = np.triu_indices(n, k=1)
         return np.stack([i, j], axis=1).astype(np.int64)
-    candidates = [np.empty((0, 2), dtype=np.int64)]
     # Any partition of the bits into bands keeps the pigeonhole exact, so deal the bits out by
     # entropy, round-robin: each band gets its share of informative bits. Bands cut in bit order
     # from a low-entropy hash (a uniform background sets the same bits in every image) give one
@@ -85,17 +82,15 @@ def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
     p = bits.mean(axis=0)
     entropy = -(p * np.log2(np.clip(p, 1e-12, 1)) + (1 - p) * np.log2(np.clip(1 - p, 1e-12, 1)))
     by_entropy = np.argsort(-entropy, kind="stable")
+    packed = np.packbits(bits, axis=1)
+    found = [np.empty(0, dtype=np.int64)]
     for band in (by_entropy[k::max_distance + 1] for k in range(max_distance + 1)):
         keys = np.ascontiguousarray(np.packbits(bits[:, band], axis=1))
-        candidates.append(_pairs_sharing_a_key(keys.view(f"V{keys.shape[1]}").ravel()))
-    flat = np.concatenate(candidates)
-    pairs = np.stack(np.divmod(np.unique(flat[:, 0] * n + flat[:, 1]), n), axis=1)  # sorted, each once
-    packed = np.packbits(bits, axis=1)
-    keep = np.zeros(len(pairs), dtype=bool)
-    for lo in range(0, len(pairs), _CHECK_CHUNK):  # a bounded slice of the candidates at a time
-        a, b = pairs[lo:lo + _CHECK_CHUNK].T
-        keep[lo:lo + _CHECK_CHUNK] = np.bitwise_count(packed[a] ^ packed[b]).sum(axis=1) <= max_distance
-    return pairs[keep]
+        for candidates in _pairs_sharing_a_key(keys.view(f"V{keys.shape[1]}").ravel()):
+            a, b = candidates.T
+            near = np.bitwise_count(packed[a] ^ packed[b]).sum(axis=1) <= max_distance
+            found.append(a[near] * n + b[near])
+    return np.stack(np.divmod(np.unique(np.concatenate(found)), n), axis=1)  # sorted, each pair once
 
 
 def near_duplicate_groups(entries: list[CatalogEntry], max_distance: int) -> np.ndarray:

@@ -4,8 +4,8 @@ Why: this dataset holds byte-identical pairs and near-duplicates. Exact copies a
 to one image; near-duplicates (perceptual hash within ``near_duplicate_distance`` bits) are
 joined into groups with union-find (scipy's connected components), and a whole group always
 lands in one split. Candidate pairs come from a pigeonhole band index (``near_duplicate_pairs``),
-so the cost grows with the number of images, not its square, and the groups stay exact. Groups are then dealt out per class, seeded, so every split keeps the
-class balance.
+so the cost grows with the number of images, not its square, and the groups stay exact. Groups
+are then dealt out per class, seeded, so every split keeps the class balance.
 """
 
 from __future__ import annotations
@@ -46,7 +46,7 @@ def collapse_exact(entries: list[CatalogEntry]) -> tuple[list[CatalogEntry], lis
 
 
 def _pairs_sharing_a_key(keys: np.ndarray) -> Iterator[np.ndarray]:
-    """``[P, 2]`` index pairs (i < j) of the rows of ``keys`` (one bytes key per row) that are equal,
+    """``[P, 2]`` index pairs (i < j) of the rows of ``keys`` (one key per row) that are equal,
     a slice at a time: rows ``offset`` apart in the sorted order that are still in one run of equal
     keys. A slice holds at most ``len(keys)`` pairs, however large the buckets."""
     order = np.argsort(keys, kind="stable")
@@ -60,23 +60,21 @@ def _pairs_sharing_a_key(keys: np.ndarray) -> Iterator[np.ndarray]:
         yield np.stack([np.minimum(a, b), np.maximum(a, b)], axis=1)
 
 
-def _band_keys(band_bits: np.ndarray) -> np.ndarray:
-    """One sortable key per row: a uint64 when the band fits in 64 bits (numpy sorts those ~50x
-    faster than raw bytes), else the packed bytes."""
-    packed = np.packbits(band_bits, axis=1)
-    if packed.shape[1] <= 8:
-        padded = np.zeros((len(packed), 8), dtype=np.uint8)
-        padded[:, :packed.shape[1]] = packed
-        return padded.view(np.uint64).ravel()
-    return np.ascontiguousarray(packed).view(f"V{packed.shape[1]}").ravel()
-
-
-def _words(bits: np.ndarray) -> list[np.ndarray]:
-    """The hashes as columns of uint64 words (zero-padded), for the exact Hamming distance."""
+def _words(bits: np.ndarray) -> np.ndarray:
+    """``[n, W]`` uint64: each row's bits packed into zero-padded 64-bit words."""
     packed = np.packbits(bits, axis=1)
     padded = np.zeros((len(packed), -(-packed.shape[1] // 8) * 8), dtype=np.uint8)
     padded[:, :packed.shape[1]] = packed
-    return [np.ascontiguousarray(c) for c in padded.view(np.uint64).T]
+    return padded.view(np.uint64)
+
+
+def _band_keys(band_bits: np.ndarray) -> np.ndarray:
+    """One sortable key per row: a uint64 when the band fits in 64 bits (sorted about 2x faster
+    than raw bytes), else the row's words as one bytes key."""
+    words = _words(band_bits)
+    if words.shape[1] == 1:
+        return words[:, 0].copy()
+    return np.ascontiguousarray(words).view(f"V{8 * words.shape[1]}").ravel()
 
 
 def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
@@ -101,7 +99,7 @@ def near_duplicate_pairs(bits: np.ndarray, max_distance: int) -> np.ndarray:
     p = bits.mean(axis=0)
     entropy = -(p * np.log2(np.clip(p, 1e-12, 1)) + (1 - p) * np.log2(np.clip(1 - p, 1e-12, 1)))
     by_entropy = np.argsort(-entropy, kind="stable")
-    words = _words(bits)
+    words = [np.ascontiguousarray(w) for w in _words(bits).T]  # one column per word: fast gathers
     found = [np.empty(0, dtype=np.int64)]
     for band in (by_entropy[k::max_distance + 1] for k in range(max_distance + 1)):
         for candidates in _pairs_sharing_a_key(_band_keys(bits[:, band])):

@@ -79,6 +79,12 @@ def test_served_answers_equal_the_registered_model_within_the_gate(setup):
     # Grad-CAM still works on the lazily loaded Keras model
     png, probs = loaded.gradcam().explain(x[0])[:2]
     assert png.startswith(b"\x89PNG") and np.allclose(probs, keras_probs[0], atol=1e-5)
+    # a batch-scoring actor's load: its CPU share of threads, unpinned, the same answers
+    one = load_version(registry, "exported", cache, 8, (registry.root, "bloodcnn"), threads=1)
+    compiled = one.predictor.compiled
+    assert compiled.get_property("INFERENCE_NUM_THREADS") == 1
+    assert compiled.get_property("ENABLE_CPU_PINNING") is (os.cpu_count() == 1)
+    np.testing.assert_allclose(one.predictor.predict(x[:8]), served[:8], atol=1e-5)
 
 
 def test_versions_without_a_passing_artifact_are_served_by_tensorflow(setup, tmp_path):

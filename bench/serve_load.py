@@ -11,10 +11,11 @@ What it does, all in one command so the figures are comparable:
 2. (a) the TensorFlow ceiling: the compiled ``tf.function`` in this process at batch 32 on
    pre-resized images; (a') the chosen runtime's ceiling, its predictor loaded as a replica
    loads it, at batch 32 (both measured before and after the served runs; goals use the higher);
-3. starts Ray + Serve and deploys ``serving.app`` three times: APIIngress -> BloodClassifier on
-   ``serve.runtime: tensorflow`` (today's path), the same on ``auto`` (OpenVINO, two hops), and
-   ``serve.ingress: colocated`` on ``auto`` (BloodService, one hop: the new path), each driven
-   with ``POST /v1/predict`` (one JPEG from the
+3. deploys ``serving.app`` four times, each on a fresh local Ray + Serve: APIIngress ->
+   BloodClassifier on ``serve.runtime: tensorflow`` (today's path), the same on ``auto``
+   (OpenVINO, two hops), ``serve.ingress: colocated`` on ``auto`` (BloodService, one hop) behind
+   Serve's Python proxy, and the same behind ``serve.proxy: haproxy`` (Serve's HAProxy mode, the
+   new path, which the goals are on), each driven with ``POST /v1/predict`` (one JPEG from the
    dataset per request, multipart) at each concurrency by a closed-loop load generator
    (threads, one keep-alive connection each);
 4. (b) the naive baseline: a separate Serve app, one FastAPI deployment that decodes the
@@ -29,6 +30,7 @@ The load generator runs on the same machine, so it competes with the server for 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -188,9 +190,13 @@ def runtime_ceiling(loaded, images_224, seconds: float, batch: int = 32) -> dict
 
 
 def cpu_seconds(pid: int) -> float:
-    """user + system CPU seconds of one process (its threads included), from /proc."""
-    with open(f"/proc/{pid}/stat") as f:
-        fields = f.read().rsplit(")", 1)[1].split()
+    """user + system CPU seconds of one process (its threads included), from /proc; NaN once it
+    has exited (HAProxy replaces its process when Serve reloads its configuration)."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except FileNotFoundError:
+        return float("nan")
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
@@ -214,6 +220,37 @@ def serve_levels(name: str, url: str, ctype: str, bodies: list[bytes], args, app
               f"p99 {r['p99']*1000:7.0f} ms  errors {r['errors']}  CPU ms/req {r['cpu_ms_per_request']}",
               flush=True)
     return rows
+
+
+@contextlib.contextmanager
+def serve_stack(cfg):
+    """A fresh local Ray + Serve for one path, with ``cfg.serve.proxy``'s variables set while Ray
+    starts (Serve reads them once), all stopped on the way out; yields the base URL."""
+    import ray
+    from ray import serve
+
+    from serving.settings import free_port, ray_env
+
+    env = ray_env(cfg)
+    saved = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        try:
+            if ray.is_initialized():
+                serve.shutdown()
+        finally:
+            ray.shutdown()
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -278,7 +315,6 @@ def main(argv: list[str] | None = None) -> int:
         results["ceiling"]["loadavg_1m_after"] = os.getloadavg()[0]
         print(f"  {results['ceiling']}\n  {results['runtime_ceiling']}", flush=True)
 
-        import ray
         from ray import serve
 
         from bloodcnn.config import load_config
@@ -287,37 +323,32 @@ def main(argv: list[str] | None = None) -> int:
         # Ray starts workers at nice 15; the ceiling above ran at nice 0 in this process, so
         # give the replicas the same priority for a fair comparison on a shared machine
         os.environ.setdefault("RAY_worker_niceness", "0")
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
-        port = devtools.free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        base = f"http://127.0.0.1:{port}"
-        paths = (("tensorflow", "separate", "tensorflow"), ("two_hops", "separate", "auto"),
-                 ("served", "colocated", "auto"))
-        for key, ingress, runtime in paths:
+        paths = (("tensorflow", "separate", "tensorflow", "python"), ("two_hops", "separate", "auto", "python"),
+                 ("one_hop", "colocated", "auto", "python"), ("served", "colocated", "auto", "haproxy"))
+        for key, ingress, runtime, proxy in paths:
             cfg = load_config(overrides={
                 "registry": {"uri": registry_uri},
                 "serve": {
-                    "port": port, "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
+                    "max_batch_size": args.max_batch_size, "batch_wait_timeout_s": args.batch_wait_s,
                     "autoscaling": {"min_replicas": args.replicas, "max_replicas": args.replicas},
-                    "runtime": runtime, "ingress": ingress,
+                    "runtime": runtime, "ingress": ingress, "proxy": proxy,
                 },
             })
-            t0 = time.perf_counter()
-            serve.run(build_app(cfg), name="bloodcnn", route_prefix="/")
-            t_first = wait_first_prediction(f"{base}/v1/predict", ctype, bodies[0])
-            results[f"{key}_cold_start_s"] = t_first - t0
-            on = __import__("httpx").get(f"{base}/v1/models/current", timeout=30).json()["runtime"]
-            print(f"serve.ingress {ingress}, serve.runtime {runtime}: serving on {on}, deploy -> first prediction "
-                  f"{t_first - t0:.1f}s", flush=True)
-            results[f"{key}_runtime"] = on
-            results[key] = serve_levels(key, f"{base}/v1/predict", ctype, bodies, args)
-            metrics = __import__("httpx").get(f"{base}/metrics").text
-            results[f"{key}_batch_size_sum_count"] = [
-                line for line in metrics.splitlines()
-                if line.startswith("bloodcnn_batch_size_") and "bucket" not in line
-            ]
-            serve.delete("bloodcnn")
+            with serve_stack(cfg) as base:
+                t0 = time.perf_counter()
+                serve.run(build_app(cfg), name="bloodcnn", route_prefix="/")
+                t_first = wait_first_prediction(f"{base}/v1/predict", ctype, bodies[0])
+                results[f"{key}_cold_start_s"] = t_first - t0
+                on = __import__("httpx").get(f"{base}/v1/models/current", timeout=30).json()["runtime"]
+                print(f"serve.ingress {ingress}, serve.runtime {runtime}, serve.proxy {proxy}: serving on {on}, "
+                      f"deploy -> first prediction {t_first - t0:.1f}s", flush=True)
+                results[f"{key}_runtime"] = on
+                results[key] = serve_levels(key, f"{base}/v1/predict", ctype, bodies, args)
+                metrics = __import__("httpx").get(f"{base}/metrics").text
+                results[f"{key}_batch_size_sum_count"] = [
+                    line for line in metrics.splitlines()
+                    if line.startswith("bloodcnn_batch_size_") and "bucket" not in line
+                ]
         # the machine may be shared: measure the ceilings again and hold the service to the higher
         print("measuring (a) and (a') again after the served runs ...", flush=True)
         results["ceiling_after"] = ceiling(model, images_224, seconds=10.0)
@@ -326,13 +357,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {results['ceiling_after']}\n  {results['runtime_ceiling_after']}", flush=True)
         del model, loaded
 
-        serve.run(naive_app(registry_uri, "bloodcnn"), name="naive", route_prefix="/naive")
-        wait_first_prediction(f"{base}/naive", ctype, bodies[0])
-        results["naive"] = serve_levels("naive", f"{base}/naive", ctype, bodies,
-                                        argparse.Namespace(**{**vars(args), "concurrency":
-                                                              args.naive_concurrency or args.concurrency}))
-        serve.shutdown()
-        ray.shutdown()
+        with serve_stack(load_config()) as base:
+            serve.run(naive_app(registry_uri, "bloodcnn"), name="naive", route_prefix="/naive")
+            wait_first_prediction(f"{base}/naive", ctype, bodies[0])
+            results["naive"] = serve_levels("naive", f"{base}/naive", ctype, bodies,
+                                            argparse.Namespace(**{**vars(args), "concurrency":
+                                                                  args.naive_concurrency or args.concurrency}))
 
     goals = report(results, args)
     if args.json:
@@ -348,7 +378,8 @@ def report(results: dict, args) -> dict:
     ceil = max(results["ceiling"]["tf_function_ips"], results["ceiling_after"]["tf_function_ips"])
     rceil = max(results["runtime_ceiling"]["ips"], results["runtime_ceiling_after"]["ips"])
     top = max(args.concurrency)
-    rows = {name: {r["concurrency"]: r for r in results[name]} for name in ("tensorflow", "two_hops", "served", "naive")}
+    rows = {name: {r["concurrency"]: r for r in results[name]}
+            for name in ("tensorflow", "two_hops", "one_hop", "served", "naive")}
     cmd = "python bench/serve_load.py " + " ".join(sys.argv[1:])
     print()
     print(f"Command: `{cmd.strip()}` ({results['cpus']} CPUs, 224 px MobileNetV2, one JPEG per request)")
@@ -362,7 +393,8 @@ def report(results: dict, args) -> dict:
         print(f"| (a') in-process {r['runtime']}, batch 32 ({when}) | - | {r['ips']:.1f} img/s | - | - | - | |")
     names = {"tensorflow": f"APIIngress -> BloodClassifier on {results['tensorflow_runtime']} (today's path)",
              "two_hops": f"APIIngress -> BloodClassifier on {results['two_hops_runtime']}",
-             "served": f"BloodService (one hop) on {results['served_runtime']} (the new path)",
+             "one_hop": f"BloodService (one hop) on {results['one_hop_runtime']}, Serve's Python proxy",
+             "served": f"BloodService (one hop) on {results['served_runtime']}, Serve's HAProxy (the new path)",
              "naive": "(b) naive model.predict per request"}
     for key, name in names.items():
         for c, r in sorted(rows[key].items()):

@@ -221,8 +221,10 @@ class MainJob:
         storage._s3_store.cache_clear()
         lifecycle.pause_point("s3", console.say)
 
-    def start_ray(self) -> None:
-        self.stage("ray", "starting a local Ray")
+    def start_ray(self, cfg: AppConfig) -> None:
+        from serving.settings import ray_env
+
+        self.stage("ray", "starting a local Ray" + (" (Serve on HAProxy)" if cfg.serve.proxy == "haproxy" else ""))
         temp = ray_temp_dir(self.state)
         temp.mkdir(parents=True, exist_ok=True)
         sessions = sorted(p for p in temp.glob("session_2*") if p.is_dir())
@@ -233,6 +235,7 @@ class MainJob:
         # address="local": a fresh private Ray that inherits this S3 server's credentials, never a
         # cluster that happens to run on this machine. The dashboard shows the training run, and
         # Ray Train's placement-group cleaner needs its state API.
+        os.environ.update(ray_env(cfg))  # serve.proxy: read by Serve when Ray starts
         self.ray_started = True  # from here on stop it, even when ray.init is interrupted midway
         lifecycle.keep_handlers_in_ray()
         ctx = ray.init(address="local", include_dashboard=True, log_to_driver=self.args.verbose,
@@ -415,7 +418,7 @@ class MainJob:
             if self.args.synthetic:
                 self.make_synthetic(cfg)
             self.start_s3()
-            self.start_ray()
+            self.start_ray(cfg)
             manifest = self.prepare(cfg)
             meta = self.train(cfg, manifest)
             url = self.serve(cfg)

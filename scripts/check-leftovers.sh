@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # After the test suite (CI's last step): fail if a SeaweedFS (weed), Ray GCS (gcs_server),
-# raylet or Ray worker/agent process that the tests started is still running.
+# raylet, Serve's HAProxy or Ray worker/agent process that the tests started is still running.
 #
 # "Started by the tests" means: its environment carries the BLOODCNN_TEST_SESSION value that
 # scripts/test.sh exported (and wrote to out/test-session). Everything the tests start inherits
@@ -27,7 +27,7 @@ RAY_SCRIPTS = ("ray/_private/workers/default_worker.py", "ray/dashboard/", "ray/
                "ray/autoscaler/_private/monitor.py", "ray/_private/runtime_env/agent/")
 
 def is_server(p):
-    if p.name in ("weed", "raylet", "gcs_server") or p.name.startswith("ray::"):
+    if p.name in ("weed", "raylet", "gcs_server", "haproxy") or p.name.startswith("ray::"):
         return True
     return any(s in procs.cmdline(p.pid) for s in RAY_SCRIPTS)
 

@@ -24,7 +24,7 @@ from bloodcnn.config import AppConfig, load_config
 from bloodcnn.inference import set_max_pixels
 from serving.api import create_api
 from serving.classifier import BloodClassifier
-from serving.settings import IngressSettings, classifier_settings, ingress_settings
+from serving.settings import IngressSettings, classifier_settings, ingress_settings, ray_env
 
 log = logging.getLogger("ray.serve")
 
@@ -179,6 +179,8 @@ def run(
 
     cfg = cfg or load_config()
     if not ray.is_initialized():
+        if not os.environ.get("RAY_ADDRESS"):  # a Ray started here: serve.proxy applies to it
+            os.environ.update(ray_env(cfg))
         ray.init(address=os.environ.get("RAY_ADDRESS") or None, include_dashboard=False)
     serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
     url = base_url(cfg, route_prefix)

@@ -4,35 +4,35 @@ synthetic images in every accepted format, free ports."""
 from __future__ import annotations
 
 import io
-import socket
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from serving.settings import free_port, ray_env  # noqa: F401  (free_port: re-exported for tests and benchmarks)
+
 CLASS_NAMES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def serve_processes(app: str) -> dict[str, int]:
-    """pid of the HTTP proxy and of app ``app``'s ingress and classifier (or service) replicas, among this
-    process's descendants (the Ray it started); for memory and CPU checks."""
+    """pid of the HTTP proxy (Serve's proxy actor, or in HAProxy mode its manager actor and the
+    ``haproxy`` process) and of app ``app``'s ingress and classifier (or service) replicas, among
+    this process's descendants (the Ray it started); for memory and CPU checks."""
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
-    titles = {"proxy": "ProxyActor", "ingress": f"ServeReplica:{app}:APIIngress",
+    titles = {"proxy": "ProxyActor", "haproxy_manager": "HAProxyManager", "ingress": f"ServeReplica:{app}:APIIngress",
               "classifier": f"ServeReplica:{app}:BloodClassifier",
               "service": f"ServeReplica:{app}:BloodService"}  # serve.ingress colocated
     found: dict[str, int] = {}
     for proc in psutil.Process().children(recursive=True):
         try:
             cmd = " ".join(proc.cmdline())
+            if proc.name() == "haproxy":
+                found["haproxy"] = proc.pid  # a reload leaves the newest; the old one is exiting
+                continue
         except psutil.Error:
             continue
         for name, title in titles.items():
@@ -158,7 +158,8 @@ class LocalStack:
         from serving.app import build_app
 
         repo = str(Path(__file__).resolve().parents[1])
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **self.env}
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **{k: v for _, cfg in self.apps.values() for k, v in ray_env(cfg).items()},
+               **self.env}
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if repo not in paths:
             env["PYTHONPATH"] = os.pathsep.join([repo, *paths])

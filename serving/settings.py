@@ -2,11 +2,13 @@
 
 ``ClassifierSettings`` is the ``user_config`` of ``BloodClassifier`` (so ``serve deploy``
 with a changed ``user_config`` reconfigures replicas in place); ``IngressSettings`` are the
-``APIIngress`` constructor arguments.
+``APIIngress`` constructor arguments. ``ray_env`` is what a Ray that bloodcnn starts needs in
+its environment for ``serve.proxy``.
 """
 
 from __future__ import annotations
 
+import socket
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -69,3 +71,23 @@ def ingress_settings(cfg: AppConfig) -> IngressSettings:
         max_pixels=s.max_pixels,
         uncertain_threshold=s.uncertain_threshold,
     )
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ray_env(cfg: AppConfig) -> dict[str, str]:
+    """Variables to set before starting Ray for ``serve.proxy`` (Serve reads them once, when its
+    controller and proxies start, so they cannot come later or from a runtime_env).
+
+    HAProxy's metrics and stats listeners and Serve's fallback proxy (which HAProxy uses while no
+    replica is up) default to fixed ports (9101, 8404, 8500, 9500); a Ray that bloodcnn starts on
+    this machine takes free ones instead, so two stacks never collide."""
+    if cfg.serve.proxy != "haproxy":
+        return {}
+    ports = ("RAY_SERVE_HAPROXY_METRICS_PORT", "RAY_SERVE_HAPROXY_STATS_PORT",
+             "RAY_SERVE_FALLBACK_PROXY_HTTP_PORT", "RAY_SERVE_FALLBACK_PROXY_GRPC_PORT")
+    return {"RAY_SERVE_ENABLE_HA_PROXY": "1", **{name: str(free_port()) for name in ports}}

@@ -435,6 +435,24 @@ def test_colocated_ingress_renders_the_one_deployment_the_app_builds(helm_bin, t
     assert service["user_config"]["runtime"] == "auto" and service["autoscaling_config"]["max_replicas"] == 4
 
 
+def test_haproxy_proxy_sets_rays_variable_on_every_ray_pod(helm_bin, rendered, tmp_path):
+    """config.serve.proxy haproxy: RAY_SERVE_ENABLE_HA_PROXY on each Ray container (Ray reads it when
+    it starts in the pod); the default sets it nowhere."""
+    def ray_envs(docs):
+        for doc in docs:
+            if doc["kind"] == "RayService":
+                for where, template in hs.pod_templates(doc):
+                    for c in hs.containers(template):
+                        yield where, {e["name"]: e.get("value") for e in c.get("env", [])}
+
+    values = tmp_path / "values.yaml"
+    values.write_text(yaml.safe_dump({"config": {"serve": {"ingress": "colocated", "proxy": "haproxy"}}}))
+    envs = list(ray_envs(hs.render(values_files=[values])))
+    assert len(envs) >= 2 and all(env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1" for _, env in envs), envs
+    default = list(ray_envs(rendered["default"]))
+    assert default and not any("RAY_SERVE_ENABLE_HA_PROXY" in env for _, env in default)
+
+
 def test_import_path_exists_in_repo(rendered):
     """serving.app:app must import from the repository root (as in the image's PYTHONPATH)."""
     module, _, attr = serve_config(rendered["default"])["applications"][0]["import_path"].partition(":")

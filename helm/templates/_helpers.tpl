@@ -279,6 +279,11 @@ Pod building blocks shared by Ray pods, the data-prep Job and the helm test.
   value: "1"
 - name: TF_CPP_MIN_LOG_LEVEL
   value: "2"
+{{- if eq (dig "serve" "proxy" "python" .Values.config) "haproxy" }}
+# config.serve.proxy haproxy: Ray Serve's HAProxy mode, read by Ray when it starts in the pod
+- name: RAY_SERVE_ENABLE_HA_PROXY
+  value: "1"
+{{- end }}
 {{- with .Values.extraEnv }}
 {{ toYaml . }}
 {{- end }}

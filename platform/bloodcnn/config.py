@@ -195,6 +195,10 @@ class ServeConfig(_Section):
     runtime: Literal["auto", "openvino", "tensorflow"] = Field(
         "auto", description="auto: OpenVINO at the precision the version's gate chose, else TensorFlow; "
         "openvino: the artifact even if its gate failed (at f32); tensorflow: always TensorFlow")
+    proxy: Literal["python", "haproxy"] = Field(
+        "python", description="python: Ray Serve's HTTP proxy actor; haproxy: Ray Serve's HAProxy mode "
+        "(RAY_SERVE_ENABLE_HA_PROXY), HAProxy in front of replicas that serve HTTP themselves. A Ray cluster "
+        "setting: applied when bloodcnn starts Ray; a running cluster needs the variable on its nodes")
 
 
 class AppConfig(_Section):

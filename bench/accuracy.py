@@ -7,6 +7,7 @@ registry and are never promoted.
 
     .venv/bin/python bench/accuracy.py --seeds 3                # seeds 1, 2, 3; embedded default recipe
     .venv/bin/python bench/accuracy.py --config my.yaml --seeds 1,4 --workers 2
+    .venv/bin/python bench/accuracy.py --seeds 3 --config bench/recipes/full-fine-tune.yaml  # 224 px, whole backbone
 
 Everything is written under --workdir (local folders; no S3 needed). Takes long on CPU:
 about (train images x epochs) / (~50 img/s fine-tuning on 2 cores at 160 px, ~16 at 224 px) per seed.

@@ -15,7 +15,6 @@ from serving.settings import free_port, ray_env  # noqa: F401  (free_port: re-ex
 CLASS_NAMES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
 
 
-
 def serve_processes(app: str) -> dict[str, int]:
     """pid of the HTTP proxy (Serve's proxy actor, or in HAProxy mode its manager actor and the
     ``haproxy`` process) and of app ``app``'s ingress and classifier (or service) replicas, among
@@ -132,7 +131,8 @@ class LocalStack:
     """A local Ray + Serve with one or more bloodcnn applications, for tests and benchmarks.
 
     ``apps`` maps application name -> (route_prefix, AppConfig). Environment variables in
-    ``env`` are set before Ray starts (so every replica inherits them) and restored after.
+    ``env`` (and those the apps' ``serve.proxy`` needs) are set before Ray starts, so every
+    replica inherits them, and restored after.
     """
 
     def __init__(self, apps: dict, *, env: dict[str, str] | None = None, num_cpus: int = 4,
@@ -158,8 +158,10 @@ class LocalStack:
         from serving.app import build_app
 
         repo = str(Path(__file__).resolve().parents[1])
-        env = {"TF_CPP_MIN_LOG_LEVEL": "2", **{k: v for _, cfg in self.apps.values() for k, v in ray_env(cfg).items()},
-               **self.env}
+        env = {"TF_CPP_MIN_LOG_LEVEL": "2"}
+        for _, cfg in self.apps.values():
+            env.update(ray_env(cfg))  # serve.proxy: Serve reads it when Ray starts
+        env.update(self.env)
         paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
         if repo not in paths:
             env["PYTHONPATH"] = os.pathsep.join([repo, *paths])

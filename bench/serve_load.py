@@ -38,6 +38,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, REPO, dataset_jpegs, goal, multipart_bodies, percentile, write_result
 
@@ -231,26 +232,19 @@ def serve_stack(cfg):
 
     from serving.settings import free_port, ray_env
 
-    env = ray_env(cfg)
-    saved = {k: os.environ.get(k) for k in env}
-    os.environ.update(env)
-    try:
-        ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
-                 runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
-        port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": port})
-        yield f"http://127.0.0.1:{port}"
-    finally:
+    with mock.patch.dict(os.environ, ray_env(cfg)):
         try:
-            if ray.is_initialized():
-                serve.shutdown()
+            ray.init(address="local", num_cpus=os.cpu_count(), include_dashboard=False, log_to_driver=False,
+                     runtime_env={"env_vars": {"TF_CPP_MIN_LOG_LEVEL": "2"}})
+            port = free_port()
+            serve.start(http_options={"host": "127.0.0.1", "port": port})
+            yield f"http://127.0.0.1:{port}"
         finally:
-            ray.shutdown()
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
+            try:
+                if ray.is_initialized():
+                    serve.shutdown()
+            finally:
+                ray.shutdown()
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,17 +1,20 @@
 """HTTP load benchmark of the bloodcnn Serve application (a script, not a test).
 
-    .venv/bin/python bench/serve_load.py [--duration 20] [--concurrency 1 8 32]
+    .venv/bin/python bench/serve_load.py [--model model.keras] [--duration 20] [--concurrency 1 8 32]
 
 What it does, all in one command so the figures are comparable:
 
-1. starts a local SeaweedFS S3, builds the 224 px MobileNetV2 classifier with the shared
-   ImageNet weights (no training: the head is random), registers + promotes it, and exports
-   its OpenVINO artifact with the precision gate (on the benchmark's images, labelled by the
-   Keras model, so a precision passes only if it changes no answer);
+1. starts a local SeaweedFS S3, takes a 224 px MobileNetV2 classifier (``--model``: a trained
+   ``model.keras``, such as a version ``bench/accuracy.py`` registered; without it the shared
+   ImageNet weights under a random head), registers + promotes it, and exports its OpenVINO
+   artifact with the precision gate (on ``--gate-images`` of the dataset, labelled by the Keras
+   model, so a precision passes only if it changes no answer: a random head sits near ties and
+   fails bf16, a trained model passes it as its registration gate did);
 2. (a) the TensorFlow ceiling: the compiled ``tf.function`` in this process at batch 32 on
    pre-resized images; (a') the chosen runtime's ceiling, its predictor loaded as a replica
    loads it, at batch 32 (both measured before and after the served runs; goals use the higher);
-3. deploys ``serving.app`` four times, each on a fresh local Ray + Serve: APIIngress ->
+3. deploys ``serving.app`` four times, each on a fresh local Ray + Serve, ``--replicas`` (2)
+   model replicas of 1 CPU and so 1 OpenVINO thread each: APIIngress ->
    BloodClassifier on ``serve.runtime: tensorflow`` (today's path), the same on ``auto``
    (OpenVINO, two hops), ``serve.ingress: colocated`` on ``auto`` (BloodService, one hop) behind
    Serve's Python proxy, and the same behind ``serve.proxy: haproxy`` (Serve's HAProxy mode, the
@@ -41,6 +44,15 @@ from pathlib import Path
 from unittest import mock
 
 from _common import DEFAULT_IMAGES, DEFAULT_WEIGHTS, REPO, dataset_jpegs, goal, multipart_bodies, percentile, write_result
+
+
+#: served path -> (serve.ingress, serve.runtime, serve.proxy)
+PATHS = {
+    "tensorflow": ("separate", "tensorflow", "python"),  # today's path
+    "two_hops": ("separate", "auto", "python"),
+    "one_hop": ("colocated", "auto", "python"),
+    "served": ("colocated", "auto", "haproxy"),  # the new path: the goals are on it
+}
 
 
 def load(url: str, ctype: str, bodies: list[bytes], concurrency: int, duration: float, warmup: float) -> dict:
@@ -258,10 +270,18 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--kernel-scale", type=float, default=0.05,
                     help="std of the random head's weights: 0.05 gives near-ties (the hardest case for bf16's "
                          "gate), 1.0 answers as confidently as a trained model")
+    ap.add_argument("--model", default=None,
+                    help="a trained model.keras (e.g. a version bench/accuracy.py registered) instead of the "
+                         "random head; the export and its gate run on it the same way")
     ap.add_argument("--images", default=str(DEFAULT_IMAGES), help="folder of JPEGs (searched recursively)")
-    ap.add_argument("--replicas", type=int, default=1, help="BloodClassifier replicas (min = max)")
+    ap.add_argument("--gate-images", type=int, default=480, help="images the export's precision gate runs on")
+    ap.add_argument("--replicas", type=int, default=2,
+                    help="BloodClassifier replicas (min = max), 1 CPU and so 1 OpenVINO thread each")
     ap.add_argument("--max-batch-size", type=int, default=32)
-    ap.add_argument("--batch-wait-s", type=float, default=0.02)
+    ap.add_argument("--batch-wait-s", type=float, default=0.005)
+    ap.add_argument("--paths", nargs="+", choices=PATHS, default=list(PATHS),
+                    help="served paths to measure (serve.json is written only with all of them)")
+    ap.add_argument("--no-naive", action="store_true", help="skip the naive baseline (no goals then)")
     ap.add_argument("--json", default=None, help="also write the raw figures to this JSON file")
     ap.add_argument("--no-write", action="store_true", help="do not write bench/results/serve.json")
     args = ap.parse_args(argv)
@@ -283,19 +303,26 @@ def main(argv: list[str] | None = None) -> int:
     ctype, bodies = multipart_bodies(raw_images)
 
     # paths relative to the checkout: the figures are committed
-    shown = {k: os.path.relpath(v, REPO) if k in ("weights", "images") else v for k, v in vars(args).items()}
+    shown = {k: os.path.relpath(v, REPO) if k in ("weights", "images", "model") and v else v
+             for k, v in vars(args).items()}
     results: dict = {"host": platform.node(), "cpus": os.cpu_count(), "args": shown}
     with S3Server(buckets=("bloodcnn",)) as s3, tempfile.TemporaryDirectory(prefix="bench-serve-") as tmp:
         os.environ.update(s3.env())
         storage._s3_store.cache_clear()
         registry_uri = "s3://bloodcnn/models"
-        model = devtools.make_model(224, weights=args.weights, kernel_scale=args.kernel_scale, seed=1)
+        if args.model:
+            from bloodcnn.model import load_model
+
+            model = load_model(args.model)
+        else:
+            model = devtools.make_model(224, weights=args.weights, kernel_scale=args.kernel_scale, seed=1)
         meta = devtools.register_model(registry_uri, model, version="bench-224")
         registry = Registry(registry_uri, "bloodcnn")
         images_224 = [load_for_model(b, 224)[0] for b in raw_images]
-        # the export's gate on these images, labelled by the Keras model itself: a precision passes
-        # only if it changes no answer (a random head is close to ties, the hardest case for bf16)
-        x = np.stack(images_224)
+        # the export's gate on --gate-images of the dataset, labelled by the Keras model itself: a
+        # precision passes only if it changes no answer (a random head is close to ties, the
+        # hardest case for bf16)
+        x = np.stack([load_for_model(b, 224)[0] for b in dataset_jpegs(args.images, args.gate_images)])
         labels = model.predict(x, verbose=0).argmax(1)
         info = export(model, 224, [(x[i:i + 32], labels[i:i + 32]) for i in range(0, len(x), 32)], Path(tmp))
         registry.set_runtime(meta.version, info, Path(tmp))
@@ -317,9 +344,8 @@ def main(argv: list[str] | None = None) -> int:
         # Ray starts workers at nice 15; the ceiling above ran at nice 0 in this process, so
         # give the replicas the same priority for a fair comparison on a shared machine
         os.environ.setdefault("RAY_worker_niceness", "0")
-        paths = (("tensorflow", "separate", "tensorflow", "python"), ("two_hops", "separate", "auto", "python"),
-                 ("one_hop", "colocated", "auto", "python"), ("served", "colocated", "auto", "haproxy"))
-        for key, ingress, runtime, proxy in paths:
+        for key in args.paths:
+            ingress, runtime, proxy = PATHS[key]
             cfg = load_config(overrides={
                 "registry": {"uri": registry_uri},
                 "serve": {
@@ -351,17 +377,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {results['ceiling_after']}\n  {results['runtime_ceiling_after']}", flush=True)
         del model, loaded
 
-        with serve_stack(load_config()) as base:
-            serve.run(naive_app(registry_uri, "bloodcnn"), name="naive", route_prefix="/naive")
-            wait_first_prediction(f"{base}/naive", ctype, bodies[0])
-            results["naive"] = serve_levels("naive", f"{base}/naive", ctype, bodies,
-                                            argparse.Namespace(**{**vars(args), "concurrency":
-                                                                  args.naive_concurrency or args.concurrency}))
+        if not args.no_naive:
+            with serve_stack(load_config()) as base:
+                serve.run(naive_app(registry_uri, "bloodcnn"), name="naive", route_prefix="/naive")
+                wait_first_prediction(f"{base}/naive", ctype, bodies[0])
+                levels = argparse.Namespace(**{**vars(args), "concurrency": args.naive_concurrency or args.concurrency})
+                results["naive"] = serve_levels("naive", f"{base}/naive", ctype, bodies, levels)
 
     goals = report(results, args)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    if not args.no_write and goals:
+    if not args.no_write and goals and set(args.paths) == set(PATHS):
         out = write_result("serve", "python bench/serve_load.py " + " ".join(sys.argv[1:]), goals, figures=results)
         print(f"wrote {out}")
     return 0
@@ -372,8 +398,7 @@ def report(results: dict, args) -> dict:
     ceil = max(results["ceiling"]["tf_function_ips"], results["ceiling_after"]["tf_function_ips"])
     rceil = max(results["runtime_ceiling"]["ips"], results["runtime_ceiling_after"]["ips"])
     top = max(args.concurrency)
-    rows = {name: {r["concurrency"]: r for r in results[name]}
-            for name in ("tensorflow", "two_hops", "one_hop", "served", "naive")}
+    rows = {name: {r["concurrency"]: r for r in results.get(name, [])} for name in (*PATHS, "naive")}
     cmd = "python bench/serve_load.py " + " ".join(sys.argv[1:])
     print()
     print(f"Command: `{cmd.strip()}` ({results['cpus']} CPUs, 224 px MobileNetV2, one JPEG per request)")
@@ -385,12 +410,15 @@ def report(results: dict, args) -> dict:
         print(f"| (a) in-process tf.function, batch 32 ({when}) | - | {c['tf_function_ips']:.1f} img/s"
               f" | - | - | - | {c.get('loadavg_1m_after', float('nan')):.1f} |")
         print(f"| (a') in-process {r['runtime']}, batch 32 ({when}) | - | {r['ips']:.1f} img/s | - | - | - | |")
-    names = {"tensorflow": f"APIIngress -> BloodClassifier on {results['tensorflow_runtime']} (today's path)",
-             "two_hops": f"APIIngress -> BloodClassifier on {results['two_hops_runtime']}",
-             "one_hop": f"BloodService (one hop) on {results['one_hop_runtime']}, Serve's Python proxy",
-             "served": f"BloodService (one hop) on {results['served_runtime']}, Serve's HAProxy (the new path)",
+    on = {key: results.get(f"{key}_runtime") for key in PATHS}
+    names = {"tensorflow": f"APIIngress -> BloodClassifier on {on['tensorflow']} (today's path)",
+             "two_hops": f"APIIngress -> BloodClassifier on {on['two_hops']}",
+             "one_hop": f"BloodService (one hop) on {on['one_hop']}, Serve's Python proxy",
+             "served": f"BloodService (one hop) on {on['served']}, Serve's HAProxy (the new path)",
              "naive": "(b) naive model.predict per request"}
     for key, name in names.items():
+        if key not in results:
+            continue
         for c, r in sorted(rows[key].items()):
             errs = sum(r["errors"].values())
             print(f"| {name} | {c} | {r['rps']:.1f} | {r['p50']*1000:.0f} | {r['p99']*1000:.0f} | {errs} "

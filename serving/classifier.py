@@ -80,6 +80,21 @@ def answer(probs: np.ndarray, cur: LoadedModel, s: ClassifierSettings, batch_siz
     }
 
 
+def _cpu_share() -> int | None:
+    """The replica's CPUs as Ray counts them (``num_cpus_per_replica``, rounded up), which caps
+    OpenVINO's threads: replicas that autoscale onto one node then split its cores instead of
+    each spreading over all of them (Ray sets ``OMP_NUM_THREADS`` from ``num_cpus`` the same way).
+    None outside a Ray actor: all CPUs."""
+    import math
+
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    return max(1, math.ceil(cpus)) if cpus else None
+
+
 @dataclass
 class _Item:
     x: np.ndarray  # float32 (S, S, 3) for the model that was current when decoded
@@ -252,7 +267,8 @@ class BloodClassifier:
             self._loading = True
             try:
                 loaded = await asyncio.to_thread(
-                    load_version, registry, version, self._cache_root, s.max_batch_size, source, s.runtime
+                    load_version, registry, version, self._cache_root, s.max_batch_size, source, s.runtime,
+                    _cpu_share(),
                 )
             except Exception as exc:
                 count = failed[0] + 1 if failed else 1
@@ -357,7 +373,7 @@ class BloodClassifier:
             return _wrong_size(cur, x.shape)
         return await self.infer_batch(_Item(x=x, data=b"", max_pixels=self._settings.max_pixels))
 
-    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.02, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
+    @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005, max_concurrent_batches=MAX_CONCURRENT_BATCHES)
     async def infer_batch(self, items: list[_Item]) -> list[dict]:
         cur = self._current  # the model this whole batch runs on, even if a swap happens now
         out: list[dict | None] = [None] * len(items)

@@ -18,7 +18,8 @@ CLASS_NAMES = ["Benign", "Early Pre-B", "Pre-B", "Pro-B"]
 def serve_processes(app: str) -> dict[str, int]:
     """pid of the HTTP proxy (Serve's proxy actor, or in HAProxy mode its manager actor and the
     ``haproxy`` process) and of app ``app``'s ingress and classifier (or service) replicas, among
-    this process's descendants (the Ray it started); for memory and CPU checks."""
+    this process's descendants (the Ray it started); for memory and CPU checks. A second replica
+    of a deployment is ``service#2``, and so on."""
     import ray  # noqa: F401  (puts Ray's vendored psutil on sys.path)
     import psutil
 
@@ -36,9 +37,8 @@ def serve_processes(app: str) -> dict[str, int]:
             continue
         for name, title in titles.items():
             if title in cmd:
-                if name in found:
-                    raise RuntimeError(f"two {name} processes for app {app!r}: {found[name]} and {proc.pid}")
-                found[name] = proc.pid
+                n = 1 + sum(1 for key in found if key.split("#")[0] == name)
+                found[name if n == 1 else f"{name}#{n}"] = proc.pid
     return found
 
 

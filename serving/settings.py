@@ -8,12 +8,12 @@ its environment for ``serve.proxy``.
 
 from __future__ import annotations
 
-import socket
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
 from bloodcnn.config import AppConfig
+from bloodcnn.ports import free_port
 
 
 class ClassifierSettings(BaseModel):
@@ -23,7 +23,7 @@ class ClassifierSettings(BaseModel):
     model_name: str
     model_version: str = "production"
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
     uncertain_threshold: float = Field(0.6, ge=0, le=1)
     uncertain_rule: Literal["conformal", "threshold"] = "conformal"
     version_poll_s: float = Field(10.0, ge=0)
@@ -71,12 +71,6 @@ def ingress_settings(cfg: AppConfig) -> IngressSettings:
         max_pixels=s.max_pixels,
         uncertain_threshold=s.uncertain_threshold,
     )
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def ray_env(cfg: AppConfig) -> dict[str, str]:

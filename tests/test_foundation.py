@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
-from bloodcnn import storage
+from bloodcnn import ports, storage
 from bloodcnn.config import ConfigError, load_config
 from bloodcnn.s3server import S3Server
 
@@ -92,3 +93,18 @@ def test_second_seaweedfs_server_starts_and_stops_cleanly():
         data_dir = server.data_dir
     assert proc.poll() is not None
     assert not data_dir.exists()
+
+
+def test_free_ports_stay_outside_the_ephemeral_range(monkeypatch):
+    """Ports chosen for servers that bind later must not be ones outgoing connections can take."""
+    ephemeral = int(open("/proc/sys/net/ipv4/ip_local_port_range").read().split()[0])
+    taken: set[int] = set()
+    chosen = [ports.free_port(twin_offset=10_000, taken=taken) for _ in range(40)]
+    assert len(set(chosen)) == 40 and len(taken) == 80
+    for port in chosen:
+        assert ports.LOWEST <= port and port + 10_000 < ephemeral, port
+    with socket.socket() as held:  # a port in use is skipped
+        held.bind(("127.0.0.1", chosen[0]))
+        draws = iter(chosen[:2])
+        monkeypatch.setattr(ports.random, "randrange", lambda lo, hi: next(draws))
+        assert ports.free_port() == chosen[1]

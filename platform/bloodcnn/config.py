@@ -176,9 +176,13 @@ class ServeConfig(_Section):
     host: str = "127.0.0.1"
     port: int = Field(8000, ge=1, le=65535)
     max_batch_size: int = Field(32, ge=1)
-    batch_wait_timeout_s: float = Field(0.02, ge=0)
+    batch_wait_timeout_s: float = Field(
+        0.005, ge=0, description="how long a batch waits for more images (images that queue during a "
+        "forward pass join the next one anyway, so a long wait only idles the CPU)")
     max_ongoing_requests: int = Field(64, ge=1)
-    num_cpus_per_replica: float = Field(1.0, gt=0)
+    num_cpus_per_replica: float = Field(
+        1.0, gt=0, description="Ray CPUs per model replica, rounded up also its OpenVINO threads: "
+        "replicas, not threads, fill a node (two 1-thread replicas served 1.12x one 2-thread replica on 2 cores)")
     autoscaling: AutoscalingConfig = Field(default_factory=AutoscalingConfig)
     uncertain_threshold: float = Field(0.6, ge=0, le=1, description="the threshold rule: top probability under it")
     uncertain_rule: Literal["conformal", "threshold"] = Field(

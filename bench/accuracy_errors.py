@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+from collections import Counter
 from pathlib import Path
 
 from _common import DEFAULT_IMAGES, REPO
@@ -43,26 +44,23 @@ def main() -> int:
     import numpy as np
 
     from bloodcnn.data.reader import load_manifest
-    from bloodcnn.inference import load_for_model
+    from bloodcnn.inference import decode_image, load_for_model
     from bloodcnn.model import load_model
 
-    from collections import Counter
-
-    from bloodcnn.inference import decode_image
-
     work, source = Path(args.workdir), Path(args.source)
+    style_of = {str(f.relative_to(source)): label_style(decode_image(f.read_bytes()))
+                for f in sorted(source.glob("*/*.jpg"))}
     print("scale-bar label styles per class folder:")
-    for folder in sorted(p for p in source.iterdir() if p.is_dir()):
-        counts = Counter(label_style(decode_image(f.read_bytes())) for f in sorted(folder.glob("*.jpg")))
-        print(f"  {folder.name}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
+    for folder in sorted({path.split("/")[0] for path in style_of}):
+        counts = Counter(style for path, style in style_of.items() if path.startswith(folder + "/"))
+        print(f"  {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
     datasets = {load_manifest(d).dataset_version: d for d in sorted(glob.glob(str(work / "datasets" / "*")))}
     for meta_path in sorted(glob.glob(str(work / "models" / "*" / "*" / "metadata.json"))):
         meta = json.loads(Path(meta_path).read_text())
         manifest = load_manifest(datasets[meta["dataset_version"]])
         model = load_model(Path(meta_path).parent / "model.keras")
         tests = [im for im in manifest.images if im.split == "test"]
-        loaded = [load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224)) for im in tests]
-        x = np.stack([model_input for model_input, _ in loaded])
+        x = np.stack([load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224))[0] for im in tests])
         probs = model.predict(x, batch_size=32, verbose=0)
         y = np.array([im.label for im in tests])
         wrong = np.flatnonzero(probs.argmax(1) != y)
@@ -71,7 +69,7 @@ def main() -> int:
         for i in wrong:
             print(f"  {tests[i].source}: true {names[y[i]]} p={probs[i, y[i]]:.3f}, "
                   f"predicted {names[probs[i].argmax()]} p={probs[i].max():.3f}, "
-                  f"scale bar: {label_style(loaded[i][1])}")
+                  f"scale bar: {style_of[tests[i].source]}")
         benign = names.index("Benign")
         shifted = []
         for shift in (0.5, 1.0, 2.0):

@@ -7,7 +7,7 @@ registry and are never promoted.
 
     .venv/bin/python bench/accuracy.py --seeds 3                # seeds 1, 2, 3; embedded default recipe
     .venv/bin/python bench/accuracy.py --config my.yaml --seeds 1,4 --workers 2
-    .venv/bin/python bench/accuracy.py --seeds 3 --config bench/recipes/full-fine-tune.yaml  # 224 px, whole backbone
+    .venv/bin/python bench/accuracy.py --seeds 3 --config bench/recipes/flip-tta.yaml  # the recipe of the results
 
 Everything is written under --workdir (local folders; no S3 needed). Takes long on CPU:
 about (train images x epochs) / (~50 img/s fine-tuning on 2 cores at 160 px, ~16 at 224 px) per seed.
@@ -120,7 +120,8 @@ def main(argv: list[str] | None = None) -> int:
     t = cfg.train
     print()
     print(f"Real dataset ({args.source}), {t.image_size} px, {t.epochs}+{t.fine_tune_epochs} epochs "
-          f"(head + top-{t.fine_tune_blocks} fine-tune), batch {t.batch_size}/worker, {t.num_workers} worker(s), "
+          f"(head + top-{t.fine_tune_blocks} fine-tune), test-time augmentation {t.test_time_augmentation}, "
+          f"batch {t.batch_size}/worker, {t.num_workers} worker(s), "
           f"{platform.node()} ({os.cpu_count()} CPUs)")
     print()
     print("| seed | test images | accuracy | macro-F1 | ROC-AUC (ovr) | img/s | wall (prepare + train + eval) |")
@@ -140,13 +141,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| **mean ± sd ({len(results)} seeds)** | | **{spread('accuracy')}** | **{spread('macro_f1')}** | | | "
               f"{total / 60:.1f} min total |")
         print()
-        print("| seed | temperature | ECE before → after | coverage (alpha 0.01) | mean set size | single-class share | "
-              "single-class accuracy |")
-        print("|---|---|---|---|---|---|---|")
+        print("| seed | temperature | ECE before → after | NLL before → after | coverage (alpha 0.01) | mean set size | "
+              "single-class share | single-class accuracy |")
+        print("|---|---|---|---|---|---|---|---|")
+
+        def f(v, digits: int = 4) -> str:
+            return "-" if v is None else f"{v:.{digits}f}"
+
         for r in results:
-            print(f"| {r['seed']} | {r['temperature']} | {r['ece_before']} → {r['ece_after']} | "
-                  f"{r['conformal_coverage']} | {r['mean_set_size']} | {r['single_set_share']} | "
-                  f"{r['single_set_accuracy']} |")
+            print(f"| {r['seed']} | {f(r['temperature'], 3)} | {f(r['ece_before'])} → {f(r['ece_after'])} | "
+                  f"{f(r['nll_before'])} → {f(r['nll_after'])} | {f(r['conformal_coverage'])} | "
+                  f"{f(r['mean_set_size'], 3)} | {f(r['single_set_share'], 3)} | {f(r['single_set_accuracy'])} |")
     if results and not args.no_write:
         out = write_result("accuracy", "python bench/accuracy.py " + " ".join(argv if argv is not None else sys.argv[1:]),
                            goals(results), seeds=results, recipe=cfg.train.model_dump(),

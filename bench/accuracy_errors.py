@@ -3,9 +3,15 @@
     .venv/bin/python bench/accuracy_errors.py [--workdir out/bench-accuracy]
 
 For each model in the bench registry: predicts its seed's test split from the source images,
-lists every error with the probabilities of the true and the predicted class, and counts the
+lists every error of the version's answers (one forward pass, or the mean of the image's 4 flips for
+a version with test-time augmentation) with the probabilities of the true and the predicted class,
+compares the error counts of one pass, of each flip alone and of the flip mean, and counts the
 errors after adding a constant to the Benign log-probability (a class-prior shift), which tells
-a wrong threshold (fixed by a small shift) from confidently wrong predictions (not fixed).
+a wrong threshold (fixed by a small shift) from confidently wrong predictions (not fixed). Each
+error's 5 nearest training images in the model's pooled features, with their classes, tell a cell
+that looks like the other class (its neighbours are of that class) from a model that failed on it.
+Last, the temperature fitted on the version's validation split with and without the log-normal
+prior of ``bloodcnn.calibration``, and the test NLL each gives.
 
 Each error also names the style of the scale-bar label burnt into the image's lower-right corner
 (red text, a large black bar, or small black text on white: three acquisition set-ups whose mix
@@ -35,6 +41,20 @@ def label_style(rgb) -> str:
     return "black bar" if (corner.max(axis=2) < 60).sum() > 20 else "small"
 
 
+def features(embed, paths, size: int, chunk: int = 128):
+    """L2-normalised pooled features of the images at ``paths``, decoded a chunk at a time."""
+    import numpy as np
+
+    from bloodcnn.inference import load_for_model
+
+    out = []
+    for start in range(0, len(paths), chunk):
+        x = np.stack([load_for_model(p.read_bytes(), size)[0] for p in paths[start:start + chunk]])
+        out.append(embed.predict(x, batch_size=32, verbose=0))
+    f = np.concatenate(out) if out else np.zeros((0, int(embed.output_shape[-1])), np.float32)
+    return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--workdir", default=str(REPO / "out" / "bench-accuracy"))
@@ -42,9 +62,11 @@ def main() -> int:
     args = ap.parse_args()
 
     import numpy as np
+    import tf_keras as keras
 
+    from bloodcnn import calibration
     from bloodcnn.data.reader import load_manifest
-    from bloodcnn.inference import decode_image, load_for_model
+    from bloodcnn.inference import decode_image, flip_views, load_for_model
     from bloodcnn.model import load_model
 
     work, source = Path(args.workdir), Path(args.source)
@@ -61,15 +83,29 @@ def main() -> int:
         model = load_model(Path(meta_path).parent / "model.keras")
         tests = [im for im in manifest.images if im.split == "test"]
         x = np.stack([load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224))[0] for im in tests])
-        probs = model.predict(x, batch_size=32, verbose=0)
         y = np.array([im.label for im in tests])
+        views = model.predict(flip_views(x), batch_size=32, verbose=0).reshape(4, len(x), -1)  # flips, image, class
+        one_pass, flip_mean = views[0], views.mean(axis=0)
+        tta = meta.get("test_time_augmentation", "none")
+        probs = flip_mean if tta == "flips" else one_pass
         wrong = np.flatnonzero(probs.argmax(1) != y)
         names = manifest.class_names
-        print(f"{meta['version']} ({Path(datasets[meta['dataset_version']]).name}): {len(wrong)} errors in {len(y)}")
-        for i in wrong:
+        print(f"{meta['version']} ({Path(datasets[meta['dataset_version']]).name}, test-time augmentation "
+              f"{tta}): {len(wrong)} errors in {len(y)}; one forward pass: "
+              f"{int((one_pass.argmax(1) != y).sum())}, mean of the 4 flips: {int((flip_mean.argmax(1) != y).sum())}, "
+              "each flip alone: " + ", ".join(str(int((v.argmax(1) != y).sum())) for v in views))
+        train = [im for im in manifest.images if im.split == "train"]
+        embed = keras.Model(model.input, model.get_layer("gap").output)
+        train_f = features(embed, [source / im.source for im in train], meta.get("image_size", 224))
+        test_f = features(embed, [source / tests[i].source for i in wrong], meta.get("image_size", 224))
+        for k, i in enumerate(wrong):
             print(f"  {tests[i].source}: true {names[y[i]]} p={probs[i, y[i]]:.3f}, "
                   f"predicted {names[probs[i].argmax()]} p={probs[i].max():.3f}, "
                   f"scale bar: {style_of[tests[i].source]}")
+            sims = train_f @ test_f[k]
+            near = np.argsort(-sims)[:5]
+            print("    nearest training images (cosine, the model's pooled features): " + ", ".join(
+                f"{Path(train[j].source).stem} {names[train[j].label]} {sims[j]:.3f}" for j in near))
         benign = names.index("Benign")
         shifted = []
         for shift in (0.5, 1.0, 2.0):
@@ -77,6 +113,17 @@ def main() -> int:
             logp[:, benign] += shift
             shifted.append(f"+{shift:g}: {int((logp.argmax(1) != y).sum())}")
         print("  errors with the Benign log-probability shifted " + ", ".join(shifted))
+        vals = [im for im in manifest.images if im.split == "val"]
+        xv = np.stack([load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224))[0] for im in vals])
+        pv = model.predict(flip_views(xv), batch_size=32, verbose=0).reshape(4, len(xv), -1)
+        pv = pv.mean(axis=0) if tta == "flips" else pv[0]
+        yv = np.array([im.label for im in vals])
+        fits = [f"T = 1: test NLL {calibration.nll(probs, y):.4f}"]
+        for sigma in (0.0, 1.0, 0.5, 0.25):
+            t = calibration.fit_temperature(pv, yv, prior_sigma=sigma)
+            fits.append(f"prior sigma {sigma:g}: T = {t:.3f}, test NLL {calibration.nll(calibration.apply_temperature(probs, t), y):.4f}")
+        print(f"  temperature fitted on the val split ({int((pv.argmax(1) != yv).sum())} errors in {len(yv)}): "
+              + "; ".join(fits))
     return 0
 
 

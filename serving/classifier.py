@@ -402,7 +402,10 @@ class BloodClassifier:
 
         def run():
             gc = cur.gradcam()
-            return gc.explain(x) + (gc.layer_name,)
+            png, probs = gc.explain(x)
+            if cur.meta.test_time_augmentation != "none":  # the heatmap is the image's; the answer is /predict's
+                probs = cur.predictor.predict(x)[0]
+            return png, probs, gc.layer_name
 
         png, probs, layer = await asyncio.get_running_loop().run_in_executor(self._explain_pool, run)
         result = answer(probs, cur, self._settings)
@@ -446,6 +449,7 @@ class BloodClassifier:
             "class_names": m.class_names,
             "image_size": m.image_size,
             "preprocessing": m.preprocessing,
+            "test_time_augmentation": m.test_time_augmentation,
             "metrics": m.metrics,
             "code_version": m.code_version,
             "model_sha256": m.model_sha256,

@@ -74,6 +74,7 @@ def register_model(
     storage_config=None,
     calibration: dict[str, Any] | None = None,
     dataset_version: str = "synthetic",
+    test_time_augmentation: str = "none",
 ):
     """Save ``model`` as .keras, register it (and promote it); returns the ModelMetadata."""
     from bloodcnn.registry import Registry
@@ -86,6 +87,7 @@ def register_model(
         "dataset_version": dataset_version,
         "class_names": class_names or CLASS_NAMES,
         "image_size": int(model.input_shape[1]),
+        "test_time_augmentation": test_time_augmentation,
         "metrics": metrics or {},
         "config": {"note": "untrained model registered by serving.devtools"},
         "calibration": calibration,

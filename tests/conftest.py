@@ -104,3 +104,22 @@ def synthetic_dataset(s3_server, synthetic_source) -> str:
     uri = "s3://test/synthetic-ds"
     prepare_dataset(synthetic_config(synthetic_source, uri), progress=False)
     return uri
+
+
+def small_model_registry(name: str, synthetic_dataset: str, weights_file: Path, seed: int,
+                         versions: dict[str, dict]):
+    """(config, Registry, model): a 32 px model (ImageNet backbone, random head, so each image gets
+    its own answer) registered under ``versions`` (version -> register_model keywords) in a fresh
+    registry on the session's S3, for the synthetic dataset."""
+    from bloodcnn.config import load_config
+    from bloodcnn.data.reader import load_manifest
+    from bloodcnn.registry import Registry
+    from serving import devtools
+
+    uri = f"s3://test/{name}-{os.urandom(3).hex()}/models"
+    cfg = load_config(environ={}, overrides={"registry": {"uri": uri}, "train": {"dataset": synthetic_dataset}})
+    model = devtools.make_model(32, weights=str(weights_file), kernel_scale=1.0, seed=seed)
+    dataset_version = load_manifest(synthetic_dataset).dataset_version
+    for version, kwargs in versions.items():
+        devtools.register_model(uri, model, version=version, dataset_version=dataset_version, **kwargs)
+    return cfg, Registry(uri, "bloodcnn"), model

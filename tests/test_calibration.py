@@ -44,6 +44,19 @@ def test_a_calibrated_model_keeps_a_temperature_near_one():
     assert cal.fit_temperature(probs, labels) == pytest.approx(1.0, abs=0.08)
 
 
+def test_a_validation_split_without_errors_keeps_the_temperature_near_one():
+    """480 confident answers (mean top probability ~0.99, as the ALL models give), all right: the
+    plain NLL falls all the way to the search bound (T = 0.05); the prior holds T near 1."""
+    rng = np.random.default_rng(2)
+    labels = rng.integers(0, C, 480)
+    z = rng.normal(0, 1, (480, C))
+    z[np.arange(480), labels] += rng.normal(8, 1.5, 480)
+    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    assert (probs.argmax(1) == labels).all() and probs.max(1).mean() > 0.98
+    assert cal.fit_temperature(probs, labels, prior_sigma=0) == pytest.approx(0.05, rel=0.01)
+    assert 0.6 < cal.fit_temperature(probs, labels) < 1.0
+
+
 @pytest.mark.parametrize("score", ["lac", "aps"])
 @pytest.mark.parametrize("alpha", [0.01, 0.1])
 def test_conformal_sets_cover_fresh_data_at_the_promised_rate(score, alpha):

@@ -53,6 +53,9 @@ def test_card_covers_data_recipe_metrics_calibration_use_and_failures():
     assert "700 files scanned" in text and "12 near-duplicate groups" in text and "seed 42" in text
     assert "| train | 70 | 140 | 135 | 110 | 455 | 910 |" in text
     assert "top 8 blocks unfrozen" in text and "accuracy **0.9796**" in text
+    assert "3 flips" not in text  # a version answering with one forward pass says nothing of flips
+    flips = model_card.render_markdown({**_meta(True), "test_time_augmentation": "flips"}, None)
+    assert "the mean probabilities of the image and its 3 flips" in flips
     assert "| Benign | 14 | 1 | 0 | 0 |" in text  # confusion matrix row
     assert "T = " in text and "coverage" in text and "alpha 0.01" in text
     assert "- 1 x Benign taken for Early Pre-B" in text and "- 1 x Early Pre-B taken for Benign" in text

@@ -13,25 +13,19 @@ import os
 import numpy as np
 import pytest
 
+from conftest import small_model_registry
+
 from bloodcnn import cli, storage
-from bloodcnn.config import load_config
 from bloodcnn.data.reader import load_manifest
-from bloodcnn.openvino_runtime import MIN_AGREEMENT, export, serving_precision, split_batches
-from bloodcnn.registry import Registry
-from serving import devtools
 from bloodcnn.loaded_model import load_version
+from bloodcnn.openvino_runtime import MIN_AGREEMENT, export, serving_precision, split_batches
 
 
 @pytest.fixture(scope="module")
 def setup(s3_server, synthetic_dataset, weights_file, tmp_path_factory):
-    uri = f"s3://test/openvino-{os.urandom(3).hex()}/models"
-    cfg = load_config(environ={}, overrides={"registry": {"uri": uri}, "train": {"dataset": synthetic_dataset}})
-    manifest = load_manifest(synthetic_dataset)
-    model = devtools.make_model(32, weights=str(weights_file), kernel_scale=1.0, seed=3)
-    for version in ("exported", "old", "gate-failed"):
-        devtools.register_model(uri, model, version=version, promote=version == "exported",
-                                dataset_version=manifest.dataset_version)
-    return cfg, Registry(uri, "bloodcnn"), model, tmp_path_factory.mktemp("serve-cache")
+    versions = {"exported": {"promote": True}, "old": {"promote": False}, "gate-failed": {"promote": False}}
+    cfg, registry, model = small_model_registry("openvino", synthetic_dataset, weights_file, 3, versions)
+    return cfg, registry, model, tmp_path_factory.mktemp("serve-cache")
 
 
 def _split(cfg, split):

@@ -1,7 +1,8 @@
 """Calibrated probabilities and conformal prediction sets, fitted on the validation split.
 
 * **Temperature scaling** (Guo et al., 2017): one scalar ``T`` that divides the logits, fitted
-  by minimising the validation NLL. It changes no argmax, only how confident the model says it is.
+  by minimising the validation NLL under a log-normal prior around 1 (see :func:`fit_temperature`).
+  It changes no argmax, only how confident the model says it is.
   The model ends in a softmax, so ``log p`` serves as the logits (softmax is shift-invariant).
 * **Split-conformal sets** (Angelopoulos & Bates, 2021): on ``n`` held-out images, the
   ``ceil((n + 1)(1 - alpha)) / n`` quantile ``qhat`` of a non-conformity score gives sets that
@@ -29,6 +30,8 @@ from pydantic import BaseModel, Field
 
 Score = Literal["lac", "aps"]
 _EPS = 1e-12
+#: the default spread of the temperature's log-normal prior (T within about [0.6, 1.65] at 2 sigma)
+PRIOR_SIGMA = 0.25
 
 
 class Calibration(BaseModel):
@@ -50,15 +53,25 @@ def apply_temperature(probs: np.ndarray, temperature: float) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def fit_temperature(probs: np.ndarray, labels: np.ndarray) -> float:
-    """The ``T`` in [0.05, 20] that minimises the NLL of ``labels`` (bounded 1-D search on log T)."""
+def fit_temperature(probs: np.ndarray, labels: np.ndarray, prior_sigma: float = PRIOR_SIGMA) -> float:
+    """The ``T`` in [0.05, 20] that minimises the summed NLL of ``labels`` plus a log-normal prior on
+    ``T`` (median 1, ``prior_sigma`` in log T; 0: the plain NLL fit), by a bounded 1-D search on log T.
+
+    Why the prior: a model this accurate leaves 0-3 errors in a ~480-image validation split, and
+    with none the NLL keeps falling as T -> 0 (2026-12-05, seed 2: T = 0.05, which made the test
+    NLL 0.012 -> 0.115). The prior keeps T near 1 unless the split holds the evidence; its weight
+    is fixed while the NLL grows with the split, so on a large split the data decide."""
     from scipy.optimize import minimize_scalar
 
     labels = np.asarray(labels, dtype=np.int64)
     if len(labels) == 0:
         raise ValueError("no examples to fit a temperature on")
-    result = minimize_scalar(lambda log_t: nll(apply_temperature(probs, math.exp(log_t)), labels),
-                             bounds=(math.log(0.05), math.log(20.0)), method="bounded",
+
+    def objective(log_t: float) -> float:
+        prior = 0.5 * (log_t / prior_sigma) ** 2 if prior_sigma > 0 else 0.0
+        return nll(apply_temperature(probs, math.exp(log_t)), labels) * len(labels) + prior
+
+    result = minimize_scalar(objective, bounds=(math.log(0.05), math.log(20.0)), method="bounded",
                              options={"xatol": 1e-4})
     return float(math.exp(result.x))
 
@@ -138,9 +151,10 @@ def prediction_sets(probs: np.ndarray, qhat: float, score: Score = "lac") -> np.
     return keep
 
 
-def fit(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.01, score: Score = "lac") -> Calibration:
+def fit(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.01, score: Score = "lac",
+        prior_sigma: float = PRIOR_SIGMA) -> Calibration:
     """Temperature, then the conformal quantile on the temperature-scaled probabilities."""
-    t = fit_temperature(probs, labels)
+    t = fit_temperature(probs, labels, prior_sigma)
     q = conformal_quantile(scores(apply_temperature(probs, t), labels, score), alpha)
     # both scores are <= 1, so qhat = 1 (all classes) stands for "too few examples for this alpha"
     return Calibration(temperature=t, alpha=alpha, score=score, qhat=min(q, 1.0), calibration_examples=len(labels))
@@ -174,15 +188,17 @@ def risk_coverage(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarr
 
 
 def evaluate(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, labels: np.ndarray,
-             alpha: float = 0.01, score: Score = "lac", bins: int = 15) -> tuple[Calibration, dict[str, Any]]:
+             alpha: float = 0.01, score: Score = "lac", bins: int = 15,
+             prior_sigma: float = PRIOR_SIGMA) -> tuple[Calibration, dict[str, Any]]:
     """Fit on the calibration split (validation); report on the evaluation split (test)."""
-    c = fit(cal_probs, cal_labels, alpha, score)
+    c = fit(cal_probs, cal_labels, alpha, score, prior_sigma)
     cal_scaled = apply_temperature(cal_probs, c.temperature)
     scaled = apply_temperature(probs, c.temperature)
     sets = prediction_sets(scaled, c.qhat, score)
     rel_before, rel_after = reliability(probs, labels, bins), reliability(scaled, labels, bins)
     report = {
         **c.model_dump(),
+        "temperature_prior_sigma": prior_sigma,
         "before": calibration_metrics(probs, labels, bins, rel_before),
         "after": calibration_metrics(scaled, labels, bins, rel_after),
         "reliability_before": rel_before["bins"],

@@ -114,6 +114,9 @@ class TrainConfig(_Section):
         "balanced", description="balanced: weight each class by 1/frequency in the train split"
     )
     augment_online: bool = Field(True, description="random 90-degree rotations, flips, brightness and crop per batch")
+    test_time_augmentation: Literal["none", "flips"] = Field(
+        "none", description="flips: answer with the mean probabilities of the image and its 3 flips (4x the "
+        "inference compute) in evaluation, calibration, serving and batch scoring; stored with the version")
     num_workers: int = Field(1, ge=1)
     use_gpu: bool = False
     cpus_per_worker: float = Field(1.0, gt=0)
@@ -138,6 +141,8 @@ class CalibrationConfig(_Section):
     alpha: float = Field(0.01, gt=0, lt=1, description="conformal miscoverage: sets hold the truth >= 1 - alpha")
     score: Literal["lac", "aps"] = Field(
         "lac", description="lac: 1 - p_true, the smallest sets; aps: cumulative mass, sets adapt to hardness")
+    temperature_prior_sigma: float = Field(
+        0.25, ge=0, description="spread (in log T) of the temperature's log-normal prior around 1; 0: plain NLL fit")
 
 
 class ExportConfig(_Section):

@@ -108,9 +108,10 @@ def load_version(
 
     ``runtime`` (``serve.runtime``) picks OpenVINO at the precision the version's gate chose,
     or TensorFlow; an OpenVINO artifact that fails to load falls back to TensorFlow, logged.
+    A version evaluated with flip averaging (``meta.test_time_augmentation``) is served with it too.
     ``threads`` caps OpenVINO's threads (a batch-scoring actor's CPU share); None: all CPUs.
     """
-    from bloodcnn.inference import Predictor
+    from bloodcnn.inference import Predictor, with_tta
     from bloodcnn.model import load_model
     from bloodcnn.openvino_runtime import serving_precision
 
@@ -128,6 +129,7 @@ def load_version(
         model = load_model(path)
         _check_shapes(meta, int(model.output_shape[-1]), int(model.input_shape[1]))
         predictor = Predictor(model, meta.image_size)
+    predictor = with_tta(predictor, meta.test_time_augmentation)
     predictor.warmup(_warmup_sizes(max_batch_size))
     loaded = LoadedModel(
         meta=meta, source=source, predictor=predictor, path=path, _model=model,

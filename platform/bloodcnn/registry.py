@@ -15,7 +15,7 @@ import re
 import secrets
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
@@ -42,6 +42,8 @@ class ModelMetadata(BaseModel):
     class_names: list[str]
     image_size: int
     preprocessing: str = Field("mobilenet_v2", description="keras.applications preprocess_input family")
+    test_time_augmentation: Literal["none", "flips"] = Field(
+        "none", description="flips: answers average the image and its 3 flips (train.test_time_augmentation)")
     metrics: dict[str, Any] = Field(default_factory=dict)
     config: dict[str, Any] = Field(default_factory=dict)
     code_version: str = "unknown"

@@ -86,13 +86,16 @@ def predict_split(
     batch_size: int = 64,
     manifest=None,
     progress: bool = False,
+    test_time_augmentation: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
     """(integer labels, probabilities) for every example of ``split``, in one pass
-    (with a progress bar on ``bloodcnn.console`` when ``progress``)."""
+    (with a progress bar on ``bloodcnn.console`` when ``progress``); with ``flips``, each
+    image's probabilities are the mean over it and its 3 flips, as serving answers."""
     import tensorflow as tf
 
     from bloodcnn import console
     from bloodcnn.data.reader import load_manifest, make_dataset
+    from bloodcnn.inference import TTA_VIEWS, average_views, flip_views
 
     size = image_size or cfg.train.image_size
     data = make_dataset(cfg.train.dataset, split, batch_size=batch_size, image_size=size,
@@ -102,6 +105,7 @@ def predict_split(
     def infer(images):
         return tf.cast(model(images, training=False), tf.float32)
 
+    views = TTA_VIEWS[test_time_augmentation]
     labels, probs = [], []
     total = None
     if progress:
@@ -109,7 +113,8 @@ def predict_split(
         total = m.splits[split].total if split in m.splits else None
     with console.bar(desc=f"evaluating ({split} split)", total=total, unit="img", disable=not progress) as bar:
         for images, onehot in data:
-            probs.append(infer(images).numpy())
+            x = flip_views(images.numpy()) if views > 1 else images
+            probs.append(average_views(infer(x).numpy(), views))
             labels.append(np.argmax(onehot.numpy(), axis=1))
             bar.update(len(labels[-1]))
     if not probs:
@@ -127,6 +132,7 @@ def evaluate_model(
     manifest=None,
     progress: bool = False,
     calibrate: bool = False,
+    test_time_augmentation: str = "none",
 ):
     """The metrics of ``split``; with ``calibrate``, ``(report, Calibration | None)``: temperature and
     conformal sets fitted on the validation split (``report["calibration"]`` has the figures on
@@ -140,18 +146,20 @@ def evaluate_model(
             f"the model's classes {class_names} differ from the dataset's {manifest.class_names} ({cfg.train.dataset})"
         )
     y_true, probs = predict_split(model, cfg, split=split, image_size=image_size, manifest=manifest,
-                                  progress=progress)
+                                  progress=progress, test_time_augmentation=test_time_augmentation)
     report = classification_metrics(y_true, probs, class_names)
-    report.update(split=split, dataset=cfg.train.dataset, dataset_version=manifest.dataset_version)
+    report.update(split=split, dataset=cfg.train.dataset, dataset_version=manifest.dataset_version,
+                  test_time_augmentation=test_time_augmentation)
     if not calibrate:
         return report
     if "val" not in manifest.splits or not manifest.splits["val"].total:
         log.warning("no validation split in %s: the version gets no calibration", cfg.train.dataset)
         return report, None
     y_val, p_val = predict_split(model, cfg, split="val", image_size=image_size, manifest=manifest,
-                                 progress=progress)
+                                 progress=progress, test_time_augmentation=test_time_augmentation)
     c = cfg.registry.calibration
-    fitted, report["calibration"] = calibration.evaluate(p_val, y_val, probs, y_true, alpha=c.alpha, score=c.score)
+    fitted, report["calibration"] = calibration.evaluate(p_val, y_val, probs, y_true, alpha=c.alpha, score=c.score,
+                                                         prior_sigma=c.temperature_prior_sigma)
     report["calibration"].update(fitted_on="val", evaluated_on=split)
     return report, fitted
 
@@ -168,7 +176,8 @@ def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = 
     """Re-run the test-split evaluation of a stored model.
 
     ``model_ref``: a registry version, ``production``, ``latest``, or a local / ``s3://`` ``.keras``
-    file. The dataset is ``cfg.train.dataset``. ``metrics.json`` and ``confusion_matrix.png`` go to
+    file. The dataset is ``cfg.train.dataset``; the version's test-time augmentation applies (for a
+    ``.keras`` file, ``train.test_time_augmentation``). ``metrics.json`` and ``confusion_matrix.png`` go to
     ``output`` (a folder or ``s3://`` prefix); by default next to a ``.keras`` file, or for a
     registry version into ``<registry>/<model>/<version>/evaluation/`` (the files registered
     with the version are left untouched). Returns the metrics with an ``output`` section.
@@ -195,6 +204,7 @@ def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = 
             elif not Path(model_ref).is_file():
                 raise EvaluationError(f"model file not found: {model_ref}")
             class_names = list(manifest.class_names)
+            tta = cfg.train.test_time_augmentation
             out = output or (model_ref.rsplit("/", 1)[0] if "/" in model_ref else ".")
             source = {"model": model_ref}
         else:
@@ -202,6 +212,7 @@ def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = 
             local, meta = registry.fetch(model_ref, tmp)
             path = str(local)
             class_names = list(meta.class_names)
+            tta = meta.test_time_augmentation
             if meta.dataset_version != manifest.dataset_version:
                 log.warning("model %s was trained on dataset %s; evaluating on %s (%s)", meta.version,
                             meta.dataset_version, manifest.dataset_version, cfg.train.dataset)
@@ -210,7 +221,7 @@ def evaluate_registered(cfg: AppConfig, model_ref: str, *, output: str | None = 
                       "trained_on": meta.dataset_version}
         model = load_model(path)
         report = evaluate_model(model, cfg, class_names=class_names, image_size=_model_input_size(model),
-                                manifest=manifest, progress=progress)
+                                manifest=manifest, progress=progress, test_time_augmentation=tta)
         report.update(source)
         metrics_uri = storage.join(out, "metrics.json")
         cm_uri = storage.join(out, "confusion_matrix.png")

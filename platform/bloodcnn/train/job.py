@@ -541,7 +541,8 @@ def run_training(
             load_bar.update()
         manifest = load_manifest(cfg.train.dataset, cfg.storage)  # for the evaluation and the model card
         report, calib = evaluate_model(model, cfg, class_names=plan.class_names, manifest=manifest,
-                                       progress=progress, calibrate=True)
+                                       progress=progress, calibrate=True,
+                                       test_time_augmentation=cfg.train.test_time_augmentation)
         history = state["history"]
         ips = [h["images_per_s"] for h in history if h.get("images_per_s")]
         steady = ips[1:] if len(ips) > 1 else ips
@@ -576,6 +577,7 @@ def run_training(
             "dataset_version": plan.dataset_version,
             "class_names": plan.class_names,
             "image_size": cfg.train.image_size,
+            "test_time_augmentation": cfg.train.test_time_augmentation,
             "metrics": report,
             "config": cfg.model_dump(),
             "code_version": code_version(),

@@ -41,18 +41,35 @@ def label_style(rgb) -> str:
     return "black bar" if (corner.max(axis=2) < 60).sum() > 20 else "small"
 
 
-def features(embed, paths, size: int, chunk: int = 128):
-    """L2-normalised pooled features of the images at ``paths``, decoded a chunk at a time."""
+def load_inputs(paths, size: int):
+    """The model inputs (float32 [N, S, S, 3]) of the image files at ``paths``."""
     import numpy as np
 
     from bloodcnn.inference import load_for_model
 
-    out = []
-    for start in range(0, len(paths), chunk):
-        x = np.stack([load_for_model(p.read_bytes(), size)[0] for p in paths[start:start + chunk]])
-        out.append(embed.predict(x, batch_size=32, verbose=0))
-    f = np.concatenate(out) if out else np.zeros((0, int(embed.output_shape[-1])), np.float32)
+    return np.stack([load_for_model(p.read_bytes(), size)[0] for p in paths])
+
+
+def flip_probs(model, x):
+    """Probabilities of the 4 flips of each image in ``x``: [flip, image, class], flip 0 the image itself."""
+    from bloodcnn.inference import TTA_VIEWS, flip_views
+
+    return model.predict(flip_views(x), batch_size=32, verbose=0).reshape(TTA_VIEWS["flips"], len(x), -1)
+
+
+def normalised(f):
+    import numpy as np
+
     return f / np.maximum(np.linalg.norm(f, axis=1, keepdims=True), 1e-12)
+
+
+def features(embed, paths, size: int, chunk: int = 128):
+    """L2-normalised pooled features of the images at ``paths``, decoded a chunk at a time."""
+    import numpy as np
+
+    out = [embed.predict(load_inputs(paths[start:start + chunk], size), batch_size=32, verbose=0)
+           for start in range(0, len(paths), chunk)]
+    return normalised(np.concatenate(out))
 
 
 def main() -> int:
@@ -66,7 +83,7 @@ def main() -> int:
 
     from bloodcnn import calibration
     from bloodcnn.data.reader import load_manifest
-    from bloodcnn.inference import decode_image, flip_views, load_for_model
+    from bloodcnn.inference import decode_image
     from bloodcnn.model import load_model
 
     work, source = Path(args.workdir), Path(args.source)
@@ -81,12 +98,12 @@ def main() -> int:
         meta = json.loads(Path(meta_path).read_text())
         manifest = load_manifest(datasets[meta["dataset_version"]])
         model = load_model(Path(meta_path).parent / "model.keras")
+        size, tta = meta.get("image_size", 224), meta.get("test_time_augmentation", "none")
         tests = [im for im in manifest.images if im.split == "test"]
-        x = np.stack([load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224))[0] for im in tests])
+        x = load_inputs([source / im.source for im in tests], size)
         y = np.array([im.label for im in tests])
-        views = model.predict(flip_views(x), batch_size=32, verbose=0).reshape(4, len(x), -1)  # flips, image, class
+        views = flip_probs(model, x)
         one_pass, flip_mean = views[0], views.mean(axis=0)
-        tta = meta.get("test_time_augmentation", "none")
         probs = flip_mean if tta == "flips" else one_pass
         wrong = np.flatnonzero(probs.argmax(1) != y)
         names = manifest.class_names
@@ -96,13 +113,13 @@ def main() -> int:
               "each flip alone: " + ", ".join(str(int((v.argmax(1) != y).sum())) for v in views))
         train = [im for im in manifest.images if im.split == "train"]
         embed = keras.Model(model.input, model.get_layer("gap").output)
-        train_f = features(embed, [source / im.source for im in train], meta.get("image_size", 224))
-        test_f = features(embed, [source / tests[i].source for i in wrong], meta.get("image_size", 224))
+        train_f = features(embed, [source / im.source for im in train], size)
+        wrong_f = normalised(embed.predict(x[wrong], batch_size=32, verbose=0)) if len(wrong) else None
         for k, i in enumerate(wrong):
             print(f"  {tests[i].source}: true {names[y[i]]} p={probs[i, y[i]]:.3f}, "
                   f"predicted {names[probs[i].argmax()]} p={probs[i].max():.3f}, "
                   f"scale bar: {style_of[tests[i].source]}")
-            sims = train_f @ test_f[k]
+            sims = train_f @ wrong_f[k]
             near = np.argsort(-sims)[:5]
             print("    nearest training images (cosine, the model's pooled features): " + ", ".join(
                 f"{Path(train[j].source).stem} {names[train[j].label]} {sims[j]:.3f}" for j in near))
@@ -114,9 +131,8 @@ def main() -> int:
             shifted.append(f"+{shift:g}: {int((logp.argmax(1) != y).sum())}")
         print("  errors with the Benign log-probability shifted " + ", ".join(shifted))
         vals = [im for im in manifest.images if im.split == "val"]
-        xv = np.stack([load_for_model((source / im.source).read_bytes(), meta.get("image_size", 224))[0] for im in vals])
-        pv = model.predict(flip_views(xv), batch_size=32, verbose=0).reshape(4, len(xv), -1)
-        pv = pv.mean(axis=0) if tta == "flips" else pv[0]
+        xv = load_inputs([source / im.source for im in vals], size)
+        pv = flip_probs(model, xv).mean(axis=0) if tta == "flips" else model.predict(xv, batch_size=32, verbose=0)
         yv = np.array([im.label for im in vals])
         fits = [f"T = 1: test NLL {calibration.nll(probs, y):.4f}"]
         for sigma in (0.0, 1.0, 0.5, 0.25):

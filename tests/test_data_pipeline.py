@@ -103,6 +103,34 @@ def test_reader_gives_disjoint_worker_shards_and_all_records(synthetic_dataset, 
     assert next(iter(augmented))[0].shape == (8, 32, 32, 3)
 
 
+def test_in_memory_cache_gives_the_streamed_images_and_every_image_once_per_epoch(synthetic_dataset, tmp_path):
+    """A split that fits ``memory_cache_mb`` is decoded once and kept as uint8: the same pixels as the
+    streamed split at the shards' own 64 px (within rounding after a resize), and with shuffle and
+    repeat each epoch still holds every image once, in a new order; a split over the budget streams."""
+    m = load(synthetic_dataset)
+    n = m.splits["train"].total
+    per_image_mb = 64 * 64 * 3 / 2**20
+    assert reader.fits_in_memory(m, "train", 64, 0, 1, n * per_image_mb)
+    assert not reader.fits_in_memory(m, "train", 64, 0, 1, n * per_image_mb, shuffle=True)  # + the buffer
+    assert not reader.fits_in_memory(m, "train", 64, 0, 1, n * per_image_mb - 0.01)
+    assert not reader.fits_in_memory(m, "train", 64, 0, 1, 0)
+
+    def batches(size, **kw):
+        ds = reader.make_dataset(synthetic_dataset, "train", batch_size=8, image_size=size, cache_dir=tmp_path,
+                                 with_ids=True, **kw)
+        return {i.decode(): x for images, _, ids in ds for i, x in zip(ids.numpy(), images.numpy())}
+
+    for size, tolerance in ((64, 0.0), (32, 0.5)):
+        streamed, cached = batches(size), batches(size, memory_cache_mb=64)
+        assert streamed.keys() == cached.keys() and len(cached) == n
+        assert max(float(np.abs(streamed[k] - cached[k]).max()) for k in cached) <= tolerance, size
+    epochs = reader.make_dataset(synthetic_dataset, "train", batch_size=n, image_size=64, cache_dir=tmp_path,
+                                 with_ids=True, shuffle=True, repeat=True, augment=True, memory_cache_mb=64)
+    orders = [[i.decode() for i in ids.numpy()] for _, (_, _, ids) in zip(range(3), epochs)]
+    assert all(sorted(order) == sorted(streamed) for order in orders)
+    assert orders[0] != orders[1] != orders[2]
+
+
 def test_balanced_class_weights_reach_the_train_batches(synthetic_dataset, tmp_path):
     """Every class weighs the same in the loss: weight x count is equal per class, mean weight 1."""
     m = load(synthetic_dataset)

@@ -114,6 +114,10 @@ class TrainConfig(_Section):
         "balanced", description="balanced: weight each class by 1/frequency in the train split"
     )
     augment_online: bool = Field(True, description="random 90-degree rotations, flips, brightness and crop per batch")
+    cache_images_mb: int = Field(
+        1024, ge=0, description="per worker: decode the train and val images once and keep them in memory "
+        "(uint8) when they fit in this many MiB, the shuffle buffer included; larger splits are decoded "
+        "from the shards every epoch; 0 turns the cache off")
     test_time_augmentation: Literal["none", "flips"] = Field(
         "none", description="flips: answer with the mean probabilities of the image and its 3 flips (4x the "
         "inference compute) in evaluation, calibration, serving and batch scoring; stored with the version")

@@ -43,9 +43,10 @@ log = logging.getLogger("bloodcnn.train")
 
 RUN_FILE = "bloodcnn_run.json"
 _RUN_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-# fields that change how a run trains; the others (where, how long to wait, retries) may differ on a restart
+# fields that change how a run trains; the others (where, how long to wait, retries, resources, the memory
+# for the decoded-image cache) may differ on a restart
 _OPERATIONAL_FIELDS = {"run_name", "storage_path", "max_failures", "placement_timeout_s", "cpus_per_worker",
-                       "gpus_per_worker", "use_gpu"}
+                       "gpus_per_worker", "use_gpu", "cache_images_mb"}
 
 
 class TrainingError(RuntimeError):

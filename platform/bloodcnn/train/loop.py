@@ -196,7 +196,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             t.dataset, "train", batch_size=per_replica, image_size=t.image_size,
             worker_index=rank, num_workers=world, shuffle=True, augment=t.augment_online,
             repeat=True, seed=t.seed * 1000 + rank + 17 * attempt_seed, storage_config=app.storage,
-            manifest=manifest, class_weights=class_weights,
+            manifest=manifest, class_weights=class_weights, memory_cache_mb=t.cache_images_mb,
         )
 
     def val_fn(input_context):
@@ -204,7 +204,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         return make_dataset(
             t.dataset, "val", batch_size=per_replica, image_size=t.image_size,
             worker_index=rank if sharded else 0, num_workers=world if sharded else 1,
-            repeat=True, storage_config=app.storage, manifest=manifest,
+            repeat=True, storage_config=app.storage, manifest=manifest, memory_cache_mb=t.cache_images_mb,
         )
 
     restored = _restore(ray.train.get_checkpoint())

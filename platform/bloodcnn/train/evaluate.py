@@ -78,34 +78,22 @@ def classification_metrics(y_true: np.ndarray, probs: np.ndarray, class_names: l
 
 
 def predict_split(
-    model,
+    predictor,
     cfg: AppConfig,
     *,
     split: str = "test",
-    image_size: int | None = None,
     batch_size: int = 64,
     manifest=None,
     progress: bool = False,
-    test_time_augmentation: str = "none",
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(integer labels, probabilities) for every example of ``split``, in one pass
-    (with a progress bar on ``bloodcnn.console`` when ``progress``); with ``flips``, each
-    image's probabilities are the mean over it and its 3 flips, as serving answers."""
-    import tensorflow as tf
-
+    """(integer labels, probabilities) for every example of ``split``, answered by ``predictor``
+    (``bloodcnn.inference.Predictor``, wrapped by ``with_tta`` as serving wraps it), in one pass
+    with a progress bar on ``bloodcnn.console`` when ``progress``."""
     from bloodcnn import console
     from bloodcnn.data.reader import load_manifest, make_dataset
-    from bloodcnn.inference import TTA_VIEWS, average_views, flip_views
 
-    size = image_size or cfg.train.image_size
-    data = make_dataset(cfg.train.dataset, split, batch_size=batch_size, image_size=size,
+    data = make_dataset(cfg.train.dataset, split, batch_size=batch_size, image_size=predictor.image_size,
                         storage_config=cfg.storage, manifest=manifest)
-
-    @tf.function(reduce_retracing=True)
-    def infer(images):
-        return tf.cast(model(images, training=False), tf.float32)
-
-    views = TTA_VIEWS[test_time_augmentation]
     labels, probs = [], []
     total = None
     if progress:
@@ -113,8 +101,7 @@ def predict_split(
         total = m.splits[split].total if split in m.splits else None
     with console.bar(desc=f"evaluating ({split} split)", total=total, unit="img", disable=not progress) as bar:
         for images, onehot in data:
-            x = flip_views(images.numpy()) if views > 1 else images
-            probs.append(average_views(infer(x).numpy(), views))
+            probs.append(predictor.predict(images.numpy()))
             labels.append(np.argmax(onehot.numpy(), axis=1))
             bar.update(len(labels[-1]))
     if not probs:
@@ -139,14 +126,16 @@ def evaluate_model(
     ``split``, before and after); None when there is no validation split to fit on."""
     from bloodcnn import calibration
     from bloodcnn.data.reader import load_manifest
+    from bloodcnn.inference import Predictor, with_tta
 
     manifest = manifest or load_manifest(cfg.train.dataset, cfg.storage)
     if list(manifest.class_names) != list(class_names):
         raise EvaluationError(
             f"the model's classes {class_names} differ from the dataset's {manifest.class_names} ({cfg.train.dataset})"
         )
-    y_true, probs = predict_split(model, cfg, split=split, image_size=image_size, manifest=manifest,
-                                  progress=progress, test_time_augmentation=test_time_augmentation)
+    # traced once for both splits; answers as the version is served (one pass, or the flip mean)
+    predictor = with_tta(Predictor(model, image_size or cfg.train.image_size), test_time_augmentation)
+    y_true, probs = predict_split(predictor, cfg, split=split, manifest=manifest, progress=progress)
     report = classification_metrics(y_true, probs, class_names)
     report.update(split=split, dataset=cfg.train.dataset, dataset_version=manifest.dataset_version,
                   test_time_augmentation=test_time_augmentation)
@@ -155,8 +144,7 @@ def evaluate_model(
     if "val" not in manifest.splits or not manifest.splits["val"].total:
         log.warning("no validation split in %s: the version gets no calibration", cfg.train.dataset)
         return report, None
-    y_val, p_val = predict_split(model, cfg, split="val", image_size=image_size, manifest=manifest,
-                                 progress=progress, test_time_augmentation=test_time_augmentation)
+    y_val, p_val = predict_split(predictor, cfg, split="val", manifest=manifest, progress=progress)
     c = cfg.registry.calibration
     fitted, report["calibration"] = calibration.evaluate(p_val, y_val, probs, y_true, alpha=c.alpha, score=c.score,
                                                          prior_sigma=c.temperature_prior_sigma)

@@ -158,42 +158,6 @@ def test_two_workers_survive_a_killed_worker_register_evaluate_and_rerun(
     assert (out / "metrics.json").is_file() and (out / "confusion_matrix.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_weight_averaging_registers_the_mean_of_the_tail_epochs(
-    ray_local, synthetic_dataset, s3_prefix, weights_file, tmp_path
-):
-    """train.average_epochs: the run keeps a checkpoint of every averaged epoch, and the registered
-    weights are the mean of theirs (stochastic weight averaging), not the last epoch's."""
-    import tf_keras as keras
-
-    from bloodcnn.model import load_model
-    from bloodcnn.train.job import run_training
-
-    cfg = train_config(synthetic_dataset, s3_prefix, weights_file, num_workers=1, fine_tune_epochs=3,
-                       average_epochs=3, average_learning_rate=1e-3)
-    meta = run_training(cfg, run_name="averaged")
-    assert meta.metrics["training"]["epochs_averaged"] == [2, 3, 4]
-
-    tail = []
-    for epoch in (2, 3, 4):
-        ckpt = storage.join(cfg.train.storage_path, "averaged", f"epoch-{epoch:03d}", "model.keras")
-        storage.store_for(ckpt).download_file(ckpt, tmp_path / f"{epoch}.keras")
-        trained = keras.models.load_model(str(tmp_path / f"{epoch}.keras"), compile=False)
-        trained.trainable = False  # the registered model's weight order
-        tail.append(trained.get_weights())
-    reg = Registry(cfg.registry.uri, cfg.registry.model_name)
-    local, _ = reg.fetch(meta.version, tmp_path / "reg")
-    served = load_model(local)
-    served.trainable = False
-    registered = served.get_weights()
-    changed = [i for i, ws in enumerate(zip(*tail)) if not np.allclose(ws[0], ws[-1])]
-    assert changed, "the tail epochs did not train"
-    for i in changed:
-        assert np.allclose(registered[i], np.mean([ws[i] for ws in tail], axis=0), atol=1e-6)
-        assert not np.allclose(registered[i], tail[-1][i])
-    assert "mean of phase 2's last 3 epochs" in storage.read_bytes(
-        storage.join(reg.root, meta.version, "model_card.md")).decode()
-
-
 # --- bad input: clear errors, fast, before any worker starts ------------------------------------
 
 

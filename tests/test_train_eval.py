@@ -130,21 +130,3 @@ def test_learning_rate_schedule_warms_up_then_decays_to_zero():
     # a phase shorter than its warm-up still ends decayed, not at the peak
     short = _learning_rate(1e-3, "cosine", steps=4, warmup_steps=10)
     assert float(short(4)) == 0.0
-
-
-def test_learning_rate_schedule_with_an_averaging_tail_holds_its_rate():
-    from bloodcnn.train.loop import _learning_rate
-
-    rate = _learning_rate(1e-4, "cosine", steps=1000, warmup_steps=100, tail_steps=300, tail_rate=3e-5)
-    assert float(rate(100)) == pytest.approx(1e-4)
-    assert float(rate(400)) == pytest.approx(6.5e-5, rel=1e-3)  # half-way down the cosine
-    assert [float(rate(s)) for s in (700, 701, 850, 1000)] == pytest.approx([3e-5] * 4)
-    constant = _learning_rate(1e-4, "constant", steps=1000, warmup_steps=0, tail_steps=300, tail_rate=3e-5)
-    assert [float(constant(s)) for s in (0, 700, 701, 1000)] == pytest.approx([1e-4, 1e-4, 3e-5, 3e-5])
-
-
-def test_averaged_epochs_must_lie_in_phase_two():
-    from bloodcnn.config import load_config
-
-    with pytest.raises(ValueError, match="average_epochs"):
-        load_config(environ={}, overrides={"train": {"fine_tune_epochs": 2, "average_epochs": 3}})

@@ -110,11 +110,6 @@ class TrainConfig(_Section):
         "cosine", description="per phase: cosine decay to 0 (after a warm-up in phase 2), or the rate held constant"
     )
     warmup_epochs: float = Field(0.5, ge=0, description="phase 2: linear warm-up to fine_tune_learning_rate (cosine only)")
-    average_epochs: int = Field(
-        0, ge=0, description="phase 2: hold the rate at average_learning_rate for its last N epochs and register "
-        "the mean of those N epochs' weights (stochastic weight averaging); 0 registers the last epoch's weights")
-    average_learning_rate: float = Field(
-        3e-5, gt=0, description="for one worker, scaled like learning_rate: the constant rate of the averaged epochs")
     class_weighting: Literal["balanced", "none"] = Field(
         "balanced", description="balanced: weight each class by 1/frequency in the train split"
     )
@@ -135,13 +130,6 @@ class TrainConfig(_Section):
     max_failures: int = Field(2, ge=0)
     placement_timeout_s: float = Field(120.0, gt=0)
     seed: int = 0
-
-    @model_validator(mode="after")
-    def _averaged_epochs_in_phase_two(self) -> "TrainConfig":
-        if self.average_epochs > self.fine_tune_epochs:
-            raise ValueError(f"average_epochs ({self.average_epochs}) must not exceed fine_tune_epochs "
-                             f"({self.fine_tune_epochs}): only phase 2 epochs are averaged")
-        return self
 
 
 class GatesConfig(_Section):

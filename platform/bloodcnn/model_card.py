@@ -69,9 +69,6 @@ def render_markdown(meta: dict[str, Any], manifest: Any | None = None) -> str:
             f"{train.get('class_weighting')}, online augmentation {train.get('augment_online')}, seed "
             f"{train.get('seed')}.",
         ]
-    if train and train.get("average_epochs", 0) > 1:
-        lines.append(f"- weights: the mean of phase 2's last {train['average_epochs']} epochs, run at a constant "
-                     f"{train.get('average_learning_rate')} (stochastic weight averaging).")
     if meta.get("test_time_augmentation") == "flips":
         lines.append("- answers: the mean probabilities of the image and its 3 flips (test-time augmentation), "
                      "in evaluation, calibration and serving alike.")

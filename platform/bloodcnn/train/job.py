@@ -335,8 +335,7 @@ def build_trainer(cfg: AppConfig, plan: TrainPlan, board=None):
         storage_path=path,
         storage_filesystem=fs,
         failure_config=FailureConfig(max_failures=t.max_failures, controller_failure_limit=0),
-        # the last two epochs, or every epoch whose weights are averaged
-        checkpoint_config=CheckpointConfig(num_to_keep=max(2, t.average_epochs)),
+        checkpoint_config=CheckpointConfig(num_to_keep=2),
     )
     app = cfg.model_copy(deep=True)
     app.train.dataset = _absolute_if_local(app.train.dataset)
@@ -417,37 +416,16 @@ def _load_final_checkpoint(result, scratch: Path) -> tuple[Path, dict[str, Any],
     return d / MODEL_FILE, state, workers
 
 
-def _averaged_checkpoints(result, scratch: Path, epochs: list[int]) -> list[Path]:
-    """Copy the models of the checkpoints of ``epochs`` locally (the run keeps them all, see
-    ``build_trainer``): the tail whose weights stochastic weight averaging registers."""
-    from bloodcnn.train.loop import MODEL_FILE
-
-    kept = {int(metrics["epochs_done"]): checkpoint for checkpoint, metrics in result.best_checkpoints}
-    missing = [e for e in epochs if e not in kept]
-    if missing:
-        raise TrainingError(f"train.average_epochs needs the checkpoints of epochs {epochs}; the run kept "
-                            f"{sorted(kept)} (missing {missing})")
-    return [Path(kept[e].to_directory(str(scratch / f"epoch-{e:03d}"))) / MODEL_FILE for e in epochs]
-
-
-def export_inference_model(checkpoint_models: list[Path], plan: TrainPlan, cfg: AppConfig, out: Path):
-    """A clean float32 copy without optimizer state: what the registry stores and serving loads.
-
-    With several checkpoints, their weights are averaged (BatchNorm statistics are frozen in
-    both phases, so the averaged network needs no re-estimation)."""
-    import numpy as np
-
+def export_inference_model(checkpoint_model: Path, plan: TrainPlan, cfg: AppConfig, out: Path):
+    """A clean float32 copy without optimizer state: what the registry stores and serving loads."""
     from bloodcnn.model import build_model, load_model
 
+    trained = load_model(checkpoint_model)
     fresh = build_model(len(plan.class_names), cfg.train.image_size, "none", cfg.train.dropout)
+    # same flags on both -> same weight order (Keras lists trainable weights first)
+    trained.trainable = False
     fresh.trainable = False
-    weights = []
-    for path in checkpoint_models:
-        trained = load_model(path)
-        # same flags on both -> same weight order (Keras lists trainable weights first)
-        trained.trainable = False
-        weights.append(trained.get_weights())
-    fresh.set_weights([np.mean(ws, axis=0, dtype=np.float64).astype(ws[0].dtype) for ws in zip(*weights)])
+    fresh.set_weights(trained.get_weights())
     fresh.save(str(out))  # not compiled: no optimizer state in the file
     return fresh
 
@@ -558,11 +536,9 @@ def run_training(
         with console.bar(desc="loading the trained model", total=2, unit="step", disable=not progress,
                          mininterval=0) as load_bar:
             ckpt_model, state, workers = _load_final_checkpoint(result, tmp)
-            averaged = list(range(state["epochs_done"] - cfg.train.average_epochs + 1, state["epochs_done"] + 1))
-            ckpt_models = _averaged_checkpoints(result, tmp, averaged) if len(averaged) > 1 else [ckpt_model]
             load_bar.update()
             model_path = tmp / "model.keras"
-            model = export_inference_model(ckpt_models, plan, cfg, model_path)
+            model = export_inference_model(ckpt_model, plan, cfg, model_path)
             load_bar.update()
         manifest = load_manifest(cfg.train.dataset, cfg.storage)  # for the evaluation and the model card
         report, calib = evaluate_model(model, cfg, class_names=plan.class_names, manifest=manifest,
@@ -581,7 +557,6 @@ def run_training(
             "num_workers": state.get("world_size", cfg.train.num_workers),
             "global_batch_size": state.get("global_batch"),
             "mixed_precision": state.get("mixed_precision", False),
-            "epochs_averaged": averaged if len(averaged) > 1 else [],
             "images_per_s": sum(steady) / len(steady) if steady else None,
             "final_val_accuracy": history[-1].get("val_accuracy") if history else None,
             "wall_time_s": round(time.time() - started, 1),

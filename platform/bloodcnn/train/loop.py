@@ -63,32 +63,21 @@ def _strategy(world: int):
     return tf.distribute.get_strategy()
 
 
-def _learning_rate(peak: float, schedule: str, steps: int, warmup_steps: int, *, tail_steps: int = 0,
-                   tail_rate: float = 0.0):
+def _learning_rate(peak: float, schedule: str, steps: int, warmup_steps: int):
     """The rate for one phase of ``steps`` steps.
 
     Cosine: a linear warm-up (unfreezing blocks under a full rate jolts the pretrained weights),
     then a decay to 0, so the phase ends on settled weights rather than on the noise of a
-    constant rate. With a tail (stochastic weight averaging), the decay ends at ``tail_rate``
-    ``tail_steps`` before the phase does and the rate stays there: the epochs of the tail wander
-    around one basin, and the driver registers the mean of their weights. The step counter is
-    the optimizer's, which checkpoints restore.
+    constant rate. The step counter is the optimizer's, which checkpoints restore.
     """
     import tf_keras as keras
 
-    tail_steps = min(tail_steps, steps)
-    if steps <= 0:
+    if schedule == "constant" or steps <= 0:
         return peak
-    if schedule == "constant":
-        if not tail_steps:
-            return peak
-        return keras.optimizers.schedules.PiecewiseConstantDecay([steps - tail_steps], [peak, tail_rate])
-    decay = max(1, steps - tail_steps)
-    warmup_steps = min(warmup_steps, decay - 1)
+    warmup_steps = min(warmup_steps, steps - 1)
     return keras.optimizers.schedules.CosineDecay(
         initial_learning_rate=peak / 100 if warmup_steps else peak,
-        decay_steps=decay - warmup_steps,
-        alpha=tail_rate / peak if tail_steps else 0.0,
+        decay_steps=steps - warmup_steps,
         warmup_target=peak if warmup_steps else None,
         warmup_steps=warmup_steps,
     )
@@ -196,10 +185,9 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     total_epochs = epochs_head + epochs_ft
     lr_scale = global_batch / t.batch_size
 
-    def phase_rate(peak: float, epochs: int, warmup_epochs: float = 0.0, tail_epochs: int = 0):
+    def phase_rate(peak: float, epochs: int, warmup_epochs: float = 0.0):
         warmup = int(round(warmup_epochs * steps))
-        return _learning_rate(peak * lr_scale, t.lr_schedule, steps * epochs, warmup,
-                              tail_steps=steps * tail_epochs, tail_rate=t.average_learning_rate * lr_scale)
+        return _learning_rate(peak * lr_scale, t.lr_schedule, steps * epochs, warmup)
 
     class_weights = manifest.balanced_class_weights() if t.class_weighting == "balanced" else None
 
@@ -355,8 +343,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         if phase != PHASE_FINE_TUNE:
             with strategy.scope():
                 trainable = unfreeze_top_blocks(model, t.fine_tune_blocks)
-                _compile(model, phase_rate(t.fine_tune_learning_rate, epochs_ft, t.warmup_epochs, t.average_epochs),
-                         t.label_smoothing)
+                _compile(model, phase_rate(t.fine_tune_learning_rate, epochs_ft, t.warmup_epochs), t.label_smoothing)
             if rank == 0:
                 _say(f"fine-tuning the top {t.fine_tune_blocks} block(s): {trainable} trainable layers in the backbone")
         fit(PHASE_FINE_TUNE, done, total_epochs)

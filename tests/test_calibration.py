@@ -81,6 +81,56 @@ def test_conformal_sets_cover_fresh_data_at_the_promised_rate(score, alpha):
     # noisy labels, so at alpha 0.01 its sets may rightly be every class)
 
 
+def draw_accurate(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """A confident, calibrated model right on ~99% of the images, as the ALL models are: the
+    conformal quantile at alpha 0.01 leaves ~98.5% of its answers a single class."""
+    z = rng.normal(0, 1, (n, C))
+    z[np.arange(n), rng.integers(0, C, n)] += rng.normal(9, 2.5, n)
+    probs = np.exp(z) / np.exp(z).sum(1, keepdims=True)
+    return probs, np.array([rng.choice(C, p=p) for p in probs])
+
+
+def test_a_referral_share_flags_that_share_of_fresh_answers_and_keeps_the_coverage():
+    """With a 3% referral share, about 3% of fresh answers are flagged in all (the conformal ones, then
+    the least confident, which hold two classes), sets only grow (so the coverage guarantee stands),
+    and the single-class answers left are more often right than with the conformal quantile alone."""
+    rng = np.random.default_rng(5)
+    shares, plain, referred, floors = [], [], [], []
+    for _ in range(50):
+        (cp, cl), (tp, tl) = draw_accurate(500, rng), draw_accurate(500, rng)
+        base = cal.fit(cp, cl, alpha=0.01)
+        c = cal.fit(cp, cl, alpha=0.01, referral_share=0.03)
+        assert base.min_confidence == 0.0 <= c.min_confidence < 1 and c.qhat == base.qhat
+        floors.append(c.min_confidence)
+        scaled = cal.apply_temperature(tp, c.temperature)
+        before = cal.prediction_sets(scaled, c.qhat)
+        after = cal.prediction_sets(scaled, c.qhat, min_confidence=c.min_confidence)
+        assert (after >= before).all()
+        unsure = scaled.max(1) < c.min_confidence
+        assert (after[unsure].sum(1) >= 2).all() and (after[~unsure] == before[~unsure]).all()
+        shares.append(1 - cal.set_metrics(after, scaled, tl)["single_set_share"])
+        plain.append(cal.set_metrics(before, scaled, tl))
+        referred.append(cal.set_metrics(after, scaled, tl))
+    topped_up = np.array(floors) > 0  # the draws whose conformal sets alone flagged under 3% of val
+    assert topped_up.mean() > 0.5
+    assert np.mean(np.array(shares)[topped_up]) == pytest.approx(0.03, abs=0.005)
+    assert np.mean([m["coverage"] for m in referred]) >= np.mean([m["coverage"] for m in plain]) >= 0.985
+    assert (np.mean([m["single_set_accuracy"] for m in referred])
+            > np.mean([m["single_set_accuracy"] for m in plain]) + 0.001)
+
+
+def test_the_referral_floor_tops_up_the_conformal_flags_to_the_share():
+    top = 0.5 + 0.005 * np.arange(100)  # 0.500 .. 0.995
+    probs = np.stack([top, 1 - top, np.zeros(100), np.zeros(100)], axis=1)
+    # qhat 0.45: a class is in the set from p 0.55 on, so the 10 answers under it have empty sets
+    assert (cal.prediction_sets(probs, 0.45).sum(1) != 1).sum() == 10
+    floor = cal.referral_floor(probs, 0.45, "lac", 0.15)
+    assert floor == pytest.approx(top[15])  # 5 more: the least confident single-class answers
+    assert (cal.prediction_sets(probs, 0.45, min_confidence=floor).sum(1) != 1).sum() == 15
+    assert cal.referral_floor(probs, 0.45, "lac", 0.10) == 0.0  # the conformal sets flag enough already
+    assert cal.referral_floor(probs, 0.45, "lac", 0.0) == 0.0
+
+
 def test_lac_sets_are_no_larger_than_aps_sets_on_average():
     rng = np.random.default_rng(3)
     cp, cl = draw(2000, rng)
@@ -150,6 +200,9 @@ def test_a_calibrated_version_answers_with_its_set_and_the_conformal_rule():
     assert r["uncertain"] and r["uncertainty_rule"] == "conformal"
     sure = _answer(c, [0.999, 0.0005, 0.0003, 0.0002])
     assert sure["prediction_set"] == ["Benign"] and not sure["uncertain"]
+    # under the version's referral floor, a single-class set gets the runner-up too
+    floored = _answer({**c, "min_confidence": 0.9999}, [0.999, 0.0005, 0.0003, 0.0002])
+    assert floored["prediction_set"] == ["Benign", "Early Pre-B"] and floored["uncertain"]
     # the threshold rule on the same version: the set is still reported
     t = _answer(c, [0.85, 0.1, 0.04, 0.01], rule="threshold")
     assert t["uncertainty_rule"] == "threshold" and t["prediction_set"] == r["prediction_set"]

@@ -19,7 +19,7 @@ def _manifest() -> Manifest:
                     config={}, scanned=700, near_duplicate_groups=12, images=[])
 
 
-def _report(calibrated: bool) -> dict:
+def _report(calibrated: bool, referral_share: float = 0.0) -> dict:
     cm = [[14, 1, 0, 0], [1, 29, 0, 0], [0, 0, 29, 0], [0, 0, 0, 24]]
     report = {"num_examples": 98, "accuracy": 96 / 98, "macro_f1": 0.975, "roc_auc_ovr_macro": 0.999,
               "per_class": {n: {"precision": 0.97, "recall": 0.96, "f1": 0.965, "support": sum(cm[i])}
@@ -28,7 +28,7 @@ def _report(calibrated: bool) -> dict:
         rng = np.random.default_rng(0)
         p = rng.dirichlet([8, 1, 1, 1], size=200)
         y = np.zeros(200, dtype=int)
-        report["calibration"] = calibration.evaluate(p, y, p, y, alpha=0.01)[1]
+        report["calibration"] = calibration.evaluate(p, y, p, y, alpha=0.01, referral_share=referral_share)[1]
     return report
 
 
@@ -58,6 +58,10 @@ def test_card_covers_data_recipe_metrics_calibration_use_and_failures():
     assert "the mean probabilities of the image and its 3 flips" in flips
     assert "| Benign | 14 | 1 | 0 | 0 |" in text  # confusion matrix row
     assert "T = " in text and "coverage" in text and "alpha 0.01" in text
+    assert "flagged too" not in text  # no referral share
+    referred = model_card.render_markdown({**_meta(True), "metrics": _report(True, referral_share=0.2)}, None)
+    floor = _report(True, referral_share=0.2)["calibration"]["min_confidence"]
+    assert floor > 0 and f"under a top probability of {floor:.3f}" in referred and "20.0% of the validation" in referred
     assert "- 1 x Benign taken for Early Pre-B" in text and "- 1 x Early Pre-B taken for Benign" in text
     assert "Benign and Early Pre-B cells look alike" in text
     page = html.decode()

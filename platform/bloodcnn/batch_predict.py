@@ -435,7 +435,9 @@ def summary_table(summary: Summary, meta: ModelMetadata) -> str:
 
 def _model_lines(p: Plan) -> str:
     m, c = p.meta, p.meta.calibration
-    how = (f"calibrated: T {c.temperature:.2f}, {c.score} sets at alpha {c.alpha:g}, {p.uncertain_rule} rule"
+    how = (f"calibrated: T {c.temperature:.2f}, {c.score} sets at alpha {c.alpha:g}"
+           + (f" (two classes under p {c.min_confidence:.3f})" if c.min_confidence else "")
+           + f", {p.uncertain_rule} rule"
            if c is not None else f"not calibrated: threshold rule at {p.uncertain_threshold:g}")
     asked = f" ({p.requested})" if p.requested != m.version else ""
     return f"==> model: {m.model_name}/{m.version}{asked}, {m.image_size} px\n    {how}"

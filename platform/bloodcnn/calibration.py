@@ -18,6 +18,15 @@
 
 The temperature and ``qhat`` are fitted on the same validation split; ``T`` is a single
 parameter, so the dependence this adds is small (the tests check coverage on fresh data).
+
+* **A referral share** (``referral_share``, optional): at ``alpha`` = 0.01 on ~480 validation
+  images, ``qhat`` is set by the split's 4th-largest score, so when the model makes 3-4 validation
+  errors the sets are single classes down to p ~ 0.45 and almost nothing is referred. With a share
+  ``s``, an answer whose top probability is under ``min_confidence`` gets its two most likely
+  classes in its set, and ``min_confidence`` is chosen so that on the validation split ``s`` of the
+  answers are flagged in all (the conformal ones first, then the least confident single-class
+  ones: selective classification, Geifman & El-Yaniv, 2017). Sets only grow, so the conformal
+  coverage guarantee still holds.
 """
 
 from __future__ import annotations
@@ -42,6 +51,9 @@ class Calibration(BaseModel):
     score: Score = "lac"
     qhat: float = Field(description="conformal quantile of the score on the calibration split")
     calibration_examples: int = Field(ge=1)
+    min_confidence: float = Field(
+        0.0, ge=0, le=1, description="answers less confident than this hold their top two classes (0: off; "
+        "absent in versions from before it)")
 
 
 # --------------------------------------------------------------------------- temperature
@@ -137,27 +149,47 @@ def conformal_quantile(cal_scores: np.ndarray, alpha: float) -> float:
     return float(np.sort(np.asarray(cal_scores, dtype=np.float64))[k - 1])
 
 
-def prediction_sets(probs: np.ndarray, qhat: float, score: Score = "lac") -> np.ndarray:
-    """Boolean ``[N, C]``: which classes each image's set holds."""
+def prediction_sets(probs: np.ndarray, qhat: float, score: Score = "lac", min_confidence: float = 0.0) -> np.ndarray:
+    """Boolean ``[N, C]``: which classes each image's set holds; an answer whose top probability is
+    under ``min_confidence`` holds at least its two most likely classes."""
     p = np.asarray(probs, dtype=np.float64)
-    if score == "lac":
-        return (1.0 - p) <= qhat + 1e-12
     order = np.argsort(-p, axis=1, kind="stable")
-    sorted_p = np.take_along_axis(p, order, axis=1)
-    cum = np.cumsum(sorted_p, axis=1)
-    keep_sorted = cum <= qhat + 1e-12
-    keep = np.zeros_like(keep_sorted)
-    np.put_along_axis(keep, order, keep_sorted, axis=1)
+    if score == "lac":
+        keep = (1.0 - p) <= qhat + 1e-12
+    else:
+        cum = np.cumsum(np.take_along_axis(p, order, axis=1), axis=1)
+        keep = np.zeros(p.shape, dtype=bool)
+        np.put_along_axis(keep, order, cum <= qhat + 1e-12, axis=1)
+    if min_confidence > 0 and p.shape[1] > 1:
+        unsure = np.flatnonzero(p.max(axis=1) < min_confidence)
+        keep[unsure, order[unsure, 0]] = True
+        keep[unsure, order[unsure, 1]] = True
     return keep
 
 
+def referral_floor(probs: np.ndarray, qhat: float, score: Score, share: float) -> float:
+    """The top probability under which single-class answers are flagged too, so that ``share`` of
+    these answers (at most) are flagged in all; 0 when the conformal sets already flag that many."""
+    p = np.asarray(probs, dtype=np.float64)
+    single = prediction_sets(p, qhat, score).sum(axis=1) == 1
+    more = math.floor(share * len(p)) - int((~single).sum())
+    if more <= 0:
+        return 0.0
+    top = np.sort(p[single].max(axis=1))
+    # flag the ``more`` least confident single-class answers: those strictly under the next one
+    return float(top[more]) if more < len(top) else 1.0
+
+
 def fit(probs: np.ndarray, labels: np.ndarray, alpha: float = 0.01, score: Score = "lac",
-        prior_sigma: float = PRIOR_SIGMA) -> Calibration:
-    """Temperature, then the conformal quantile on the temperature-scaled probabilities."""
+        prior_sigma: float = PRIOR_SIGMA, referral_share: float = 0.0) -> Calibration:
+    """Temperature, then the conformal quantile and the referral floor on the temperature-scaled
+    probabilities."""
     t = fit_temperature(probs, labels, prior_sigma)
-    q = conformal_quantile(scores(apply_temperature(probs, t), labels, score), alpha)
+    scaled = apply_temperature(probs, t)
     # both scores are <= 1, so qhat = 1 (all classes) stands for "too few examples for this alpha"
-    return Calibration(temperature=t, alpha=alpha, score=score, qhat=min(q, 1.0), calibration_examples=len(labels))
+    q = min(conformal_quantile(scores(scaled, labels, score), alpha), 1.0)
+    return Calibration(temperature=t, alpha=alpha, score=score, qhat=q, calibration_examples=len(labels),
+                       min_confidence=referral_floor(scaled, q, score, referral_share))
 
 
 def set_metrics(sets: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict[str, float | None]:
@@ -177,24 +209,26 @@ def set_metrics(sets: np.ndarray, probs: np.ndarray, labels: np.ndarray) -> dict
 
 def risk_coverage(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, labels: np.ndarray,
                   score: Score = "lac", alphas: tuple[float, ...] = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
-                                                                      0.1, 0.2)) -> list[dict[str, Any]]:
+                                                                      0.1, 0.2),
+                  min_confidence: float = 0.0) -> list[dict[str, Any]]:
     """For each alpha: the share of test images answered with one class and their accuracy."""
     cal = scores(cal_probs, cal_labels, score)
     rows = []
     for a in alphas:
         q = conformal_quantile(cal, a)
-        rows.append({"alpha": a, **set_metrics(prediction_sets(probs, min(q, 1.0), score), probs, labels)})
+        sets = prediction_sets(probs, min(q, 1.0), score, min_confidence)
+        rows.append({"alpha": a, **set_metrics(sets, probs, labels)})
     return rows
 
 
 def evaluate(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, labels: np.ndarray,
              alpha: float = 0.01, score: Score = "lac", bins: int = 15,
-             prior_sigma: float = PRIOR_SIGMA) -> tuple[Calibration, dict[str, Any]]:
+             prior_sigma: float = PRIOR_SIGMA, referral_share: float = 0.0) -> tuple[Calibration, dict[str, Any]]:
     """Fit on the calibration split (validation); report on the evaluation split (test)."""
-    c = fit(cal_probs, cal_labels, alpha, score, prior_sigma)
+    c = fit(cal_probs, cal_labels, alpha, score, prior_sigma, referral_share)
     cal_scaled = apply_temperature(cal_probs, c.temperature)
     scaled = apply_temperature(probs, c.temperature)
-    sets = prediction_sets(scaled, c.qhat, score)
+    sets = prediction_sets(scaled, c.qhat, score, c.min_confidence)
     rel_before, rel_after = reliability(probs, labels, bins), reliability(scaled, labels, bins)
     report = {
         **c.model_dump(),
@@ -203,8 +237,10 @@ def evaluate(cal_probs: np.ndarray, cal_labels: np.ndarray, probs: np.ndarray, l
         "after": calibration_metrics(scaled, labels, bins, rel_after),
         "reliability_before": rel_before["bins"],
         "reliability_after": rel_after["bins"],
+        "referral_share": referral_share,
         "conformal": set_metrics(sets, scaled, labels),
-        "risk_coverage": risk_coverage(cal_scaled, cal_labels, scaled, labels, score),
+        "risk_coverage": risk_coverage(cal_scaled, cal_labels, scaled, labels, score,
+                                       min_confidence=c.min_confidence),
     }
     return c, report
 
@@ -214,15 +250,16 @@ def answer(probs: np.ndarray, class_names: list[str], calibration: Calibration |
            uncertain_rule: str = "conformal", uncertain_threshold: float = 0.6) -> dict[str, Any]:
     """One image's answer from the model's probabilities; serving and batch scoring share it so
     both say the same. A calibrated version's probabilities are temperature-scaled and carry a
-    conformal prediction set (classes by falling probability); under the conformal rule
-    ``uncertain`` means the set does not hold exactly one class. Versions from before
-    calibration (``calibration`` None) keep the threshold rule and have no set."""
+    conformal prediction set (classes by falling probability, at least two under the version's
+    referral floor); under the conformal rule ``uncertain`` means the set does not hold exactly one
+    class. Versions from before calibration (``calibration`` None) keep the threshold rule and have
+    no set."""
     probs = np.asarray(probs, dtype=np.float64)
     c = calibration
     pset = None
     if c is not None:
         probs = apply_temperature(probs[None], c.temperature)[0]
-        keep = prediction_sets(probs[None], c.qhat, c.score)[0]
+        keep = prediction_sets(probs[None], c.qhat, c.score, c.min_confidence)[0]
         pset = [name for name, k, _ in sorted(zip(class_names, keep, probs), key=lambda t: -t[2]) if k]
     top = int(np.argmax(probs))
     rule = "conformal" if (pset is not None and uncertain_rule == "conformal") else "threshold"

@@ -147,6 +147,10 @@ class CalibrationConfig(_Section):
         "lac", description="lac: 1 - p_true, the smallest sets; aps: cumulative mass, sets adapt to hardness")
     temperature_prior_sigma: float = Field(
         0.25, ge=0, description="spread (in log T) of the temperature's log-normal prior around 1; 0: plain NLL fit")
+    referral_share: float = Field(
+        0.0, ge=0, lt=1, description="flag at least this share of the validation split's answers: where the "
+        "conformal sets flag fewer, the least confident single-class answers are flagged too (their sets hold "
+        "their top two classes); 0: sets from the conformal quantile alone")
 
 
 class ExportConfig(_Section):

@@ -107,6 +107,10 @@ def render_markdown(meta: dict[str, Any], manifest: Any | None = None) -> str:
             f"class, and {_pct(conf['single_set_accuracy'])} of those are right. The service flags every other "
             "answer *uncertain: refer to a specialist*.",
         ]
+        if c.get("min_confidence"):
+            lines[-1] += (f" Answers under a top probability of {c['min_confidence']:.3f} hold at least two "
+                          f"classes, so they are flagged too: with them, about {_pct(c.get('referral_share'))} of the "
+                          "validation split's answers are flagged.")
     else:
         lines.append("This version has no calibration: the service flags answers whose top probability is under "
                      "`serve.uncertain_threshold`, a rule whose error rate was not measured.")

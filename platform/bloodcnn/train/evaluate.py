@@ -147,7 +147,8 @@ def evaluate_model(
     y_val, p_val = predict_split(predictor, cfg, split="val", manifest=manifest, progress=progress)
     c = cfg.registry.calibration
     fitted, report["calibration"] = calibration.evaluate(p_val, y_val, probs, y_true, alpha=c.alpha, score=c.score,
-                                                         prior_sigma=c.temperature_prior_sigma)
+                                                         prior_sigma=c.temperature_prior_sigma,
+                                                         referral_share=c.referral_share)
     report["calibration"].update(fitted_on="val", evaluated_on=split)
     return report, fitted
 

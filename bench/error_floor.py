@@ -1,0 +1,100 @@
+"""The test errors every model makes: how far the accuracy goals of issue 14 can go on these splits.
+
+    .venv/bin/python bench/error_floor.py /tmp/acc/cache /tmp/acc/tta ...   # accuracy.py --workdir folders
+
+Every model in each workdir's registry answers its seed's test split as the version does (one forward
+pass, or the mean of the image's 4 flips). Per seed (the folder name of the model's dataset), an image
+wrong in every model of that seed is a *persistent* error: no recipe tried moved it. If every other
+error vanished, the mean accuracy over the seeds would be at most ``1 - persistent / n`` per seed:
+``accuracy_mean_ceiling``. A persistent error leaves the unflagged answers only if a flag can catch it
+within the 3% referral budget, i.e. at most 3% of the model's answers are less confident than it;
+``single_set_accuracy_mean_ceiling`` counts the ones that cannot be caught in the seed's best model.
+Writes ``bench/results/error_floor.json``.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+from _common import DEFAULT_IMAGES, goal, write_result
+from accuracy_errors import flip_probs, load_inputs
+
+REFERRAL_BUDGET = 0.03  # single_set_share_mean >= 0.97
+
+
+def main() -> int:
+    workdirs = [Path(w) for w in sys.argv[1:]]
+    if not workdirs:
+        sys.exit(__doc__)
+
+    import numpy as np
+
+    from bloodcnn.data.reader import load_manifest
+    from bloodcnn.model import load_model
+
+    by_seed: dict[str, list[dict]] = defaultdict(list)
+    tests_of: dict[str, list[str]] = {}
+    for work in workdirs:
+        datasets = {load_manifest(d).dataset_version: Path(d) for d in sorted(glob.glob(str(work / "datasets" / "*")))}
+        for meta_path in sorted(glob.glob(str(work / "models" / "*" / "*" / "metadata.json"))):
+            meta = json.loads(Path(meta_path).read_text())
+            dataset = datasets[meta["dataset_version"]]
+            tests = [im for im in load_manifest(str(dataset)).images if im.split == "test"]
+            if tests_of.setdefault(dataset.name, [im.source for im in tests]) != [im.source for im in tests]:
+                sys.exit(f"{dataset}: another test split than the other {dataset.name} datasets")
+            model = load_model(Path(meta_path).parent / "model.keras")
+            x = load_inputs([DEFAULT_IMAGES / im.source for im in tests], meta.get("image_size", 224))
+            views = flip_probs(model, x)
+            probs = views.mean(axis=0) if meta.get("test_time_augmentation") == "flips" else views[0]
+            y = np.array([im.label for im in tests])
+            top = probs.max(axis=1)
+            wrong = np.flatnonzero(probs.argmax(axis=1) != y)
+            by_seed[dataset.name].append({
+                "workdir": str(work), "version": meta["version"],
+                # the share of this model's answers less confident than each error: flagging the
+                # error would flag at least that share
+                "errors": {tests[i].source: {"p_predicted": round(float(top[i]), 4),
+                                             "flag_share": round(float((top < top[i]).mean()), 4)}
+                           for i in wrong},
+            })
+            print(f"{work.name} {meta['version']} ({dataset.name}): {len(wrong)} errors", flush=True)
+    if not by_seed:
+        sys.exit(f"no registered model under {', '.join(map(str, workdirs))}")
+
+    seeds, accuracy_ceilings, single_ceilings = {}, [], []
+    for seed, models in sorted(by_seed.items()):
+        n = len(tests_of[seed])
+        persistent = sorted(set.intersection(*(set(m["errors"]) for m in models)))
+        # in the seed's best model for it: the persistent errors more confident than the budget allows to flag
+        uncatchable = min(sum(m["errors"][s]["flag_share"] > REFERRAL_BUDGET for s in persistent) for m in models)
+        accuracy_ceilings.append(1 - len(persistent) / n)
+        single_ceilings.append(1 - uncatchable / n)
+        seeds[seed] = {
+            "models": len(models), "test_images": n,
+            "errors_per_model": [len(m["errors"]) for m in models],
+            "persistent": {s: {"p_predicted": [m["errors"][s]["p_predicted"] for m in models],
+                               "flag_share": [m["errors"][s]["flag_share"] for m in models]} for s in persistent},
+            "uncatchable_within_budget": uncatchable,
+            "accuracy_ceiling": round(accuracy_ceilings[-1], 4),
+            "single_set_accuracy_ceiling": round(single_ceilings[-1], 4),
+        }
+        print(f"{seed}: {len(models)} models, errors {seeds[seed]['errors_per_model']}; wrong in every one: "
+              + (", ".join(persistent) or "none") + f"; accuracy ceiling {accuracy_ceilings[-1]:.4f}, "
+              f"single-set accuracy ceiling {single_ceilings[-1]:.4f}")
+    acc, single = float(np.mean(accuracy_ceilings)), float(np.mean(single_ceilings))
+    out = write_result(
+        "error_floor", " ".join([".venv/bin/python", "bench/error_floor.py", *sys.argv[1:]]),
+        {"accuracy_mean_ceiling": goal(round(acc, 4), ">= 0.995"),
+         "single_set_accuracy_mean_ceiling": goal(round(single, 4), ">= 0.998")},
+        referral_budget=REFERRAL_BUDGET, seeds=seeds, models=by_seed)
+    print(f"ceilings over {len(seeds)} seeds: accuracy_mean {acc:.4f} (goal >= 0.995), single_set_accuracy_mean "
+          f"{single:.4f} (goal >= 0.998) -> {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

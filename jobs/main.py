@@ -435,6 +435,10 @@ class MainJob:
             code, reason = exc.exit_code, exc.args[0]
             return code
         except Exception as exc:  # a clear last line instead of a bare traceback
+            interrupted = lifecycle.interruption(exc)
+            if interrupted is not None:  # a signal that library code re-raised as another error
+                code, reason = interrupted.exit_code, interrupted.args[0]
+                return code
             log.exception("main job failed")
             from bloodcnn.model import WeightsError
 

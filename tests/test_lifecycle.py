@@ -20,6 +20,30 @@ from proc_support import Command, base_env, server_like
 from serving.devtools import free_port
 
 
+def test_a_signal_that_library_code_re_raises_is_still_an_interruption():
+    """CI, 2026-12-05: a Ctrl-C while Ray Data defined its classes reached the main job as
+    "RuntimeError: Error calling __set_name__ ...", which it reported as a failure (exit 1)
+    instead of stopping after SIGINT (exit 130)."""
+    import os
+
+    from bloodcnn import lifecycle
+
+    class Field:
+        def __set_name__(self, owner, name):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(5)  # the handler raises here, long before
+
+    guard = lifecycle.Guard("test").install()
+    try:
+        with pytest.raises(RuntimeError, match="__set_name__") as info:
+            type("Blocks", (), {"ray_remote_args": Field()})
+    finally:
+        guard.restore()
+    interrupted = lifecycle.interruption(info.value)
+    assert interrupted is not None and interrupted.exit_code == 130
+    assert lifecycle.interruption(ValueError("not a signal")) is None
+
+
 def test_watchdog_stops_what_a_killed_job_left_even_orphans_that_ignore_sigterm(tmp_path):
     """A guarded job starts a server that ignores SIGTERM and one that left the job's process
     tree (double fork, its own session); SIGKILL the job: the watchdog stops both."""

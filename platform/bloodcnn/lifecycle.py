@@ -58,6 +58,20 @@ def exit_code(exc: BaseException) -> int:
     return exc.exit_code if isinstance(exc, Interrupted) else 130
 
 
+def interruption(exc: BaseException | None) -> Interrupted | None:
+    """The ``Interrupted`` that ``exc`` wraps, if any. A signal can land in code that turns the
+    exception it raises into another one: Python re-raises an exception from a descriptor's
+    ``__set_name__`` as a RuntimeError, so a Ctrl-C while a module defines its classes (Ray Data's,
+    imported during prepare) arrives as "Error calling __set_name__ ..."."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        if isinstance(exc, Interrupted):
+            return exc
+        seen.add(id(exc))
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 class Guard:
     """See the module docstring. ``with Guard("train") as g:`` = ``start()`` + ``install()``,
     and on the way out ``sweep()`` + ``restore()``."""

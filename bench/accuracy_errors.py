@@ -57,6 +57,30 @@ def flip_probs(model, x):
     return model.predict(flip_views(x), batch_size=32, verbose=0).reshape(TTA_VIEWS["flips"], len(x), -1)
 
 
+def registered_models(workdirs):
+    """``(workdir, metadata, dataset folder, manifest, model)`` for every version in the registries
+    of these ``bench/accuracy.py --workdir`` folders, with the dataset it was trained on."""
+    from bloodcnn.data.reader import load_manifest
+    from bloodcnn.model import load_model
+
+    for work in map(Path, workdirs):
+        datasets = {load_manifest(d).dataset_version: Path(d) for d in sorted(glob.glob(str(work / "datasets" / "*")))}
+        for meta_path in sorted(glob.glob(str(work / "models" / "*" / "*" / "metadata.json"))):
+            meta = json.loads(Path(meta_path).read_text())
+            dataset = datasets[meta["dataset_version"]]
+            yield work, meta, dataset, load_manifest(str(dataset)), load_model(Path(meta_path).parent / "model.keras")
+
+
+def version_answers(model, meta: dict, images, source: Path = DEFAULT_IMAGES):
+    """``(probabilities, labels, 4-flip views)`` of the manifest ``images`` as the version answers them:
+    the mean of the 4 flips for a ``flips`` version, else the first view (one forward pass)."""
+    import numpy as np
+
+    views = flip_probs(model, load_inputs([source / im.source for im in images], meta.get("image_size", 224)))
+    probs = views.mean(axis=0) if meta.get("test_time_augmentation") == "flips" else views[0]
+    return probs, np.array([im.label for im in images]), views
+
+
 def normalised(f):
     import numpy as np
 
@@ -82,39 +106,31 @@ def main() -> int:
     import tf_keras as keras
 
     from bloodcnn import calibration
-    from bloodcnn.data.reader import load_manifest
     from bloodcnn.inference import decode_image
-    from bloodcnn.model import load_model
 
-    work, source = Path(args.workdir), Path(args.source)
+    source = Path(args.source)
     style_of = {str(f.relative_to(source)): label_style(decode_image(f.read_bytes()))
                 for f in sorted(source.glob("*/*.jpg"))}
     print("scale-bar label styles per class folder:")
     for folder in sorted({path.split("/")[0] for path in style_of}):
         counts = Counter(style for path, style in style_of.items() if path.startswith(folder + "/"))
         print(f"  {folder}: " + ", ".join(f"{k} {v}" for k, v in sorted(counts.items())))
-    datasets = {load_manifest(d).dataset_version: d for d in sorted(glob.glob(str(work / "datasets" / "*")))}
-    for meta_path in sorted(glob.glob(str(work / "models" / "*" / "*" / "metadata.json"))):
-        meta = json.loads(Path(meta_path).read_text())
-        manifest = load_manifest(datasets[meta["dataset_version"]])
-        model = load_model(Path(meta_path).parent / "model.keras")
+    for _, meta, dataset, manifest, model in registered_models([args.workdir]):
         size, tta = meta.get("image_size", 224), meta.get("test_time_augmentation", "none")
         tests = [im for im in manifest.images if im.split == "test"]
-        x = load_inputs([source / im.source for im in tests], size)
-        y = np.array([im.label for im in tests])
-        views = flip_probs(model, x)
+        probs, y, views = version_answers(model, meta, tests, source)
         one_pass, flip_mean = views[0], views.mean(axis=0)
-        probs = flip_mean if tta == "flips" else one_pass
         wrong = np.flatnonzero(probs.argmax(1) != y)
         names = manifest.class_names
-        print(f"{meta['version']} ({Path(datasets[meta['dataset_version']]).name}, test-time augmentation "
+        print(f"{meta['version']} ({dataset.name}, test-time augmentation "
               f"{tta}): {len(wrong)} errors in {len(y)}; one forward pass: "
               f"{int((one_pass.argmax(1) != y).sum())}, mean of the 4 flips: {int((flip_mean.argmax(1) != y).sum())}, "
               "each flip alone: " + ", ".join(str(int((v.argmax(1) != y).sum())) for v in views))
         train = [im for im in manifest.images if im.split == "train"]
         embed = keras.Model(model.input, model.get_layer("gap").output)
         train_f = features(embed, [source / im.source for im in train], size)
-        wrong_f = normalised(embed.predict(x[wrong], batch_size=32, verbose=0)) if len(wrong) else None
+        wrong_f = (normalised(embed.predict(load_inputs([source / tests[i].source for i in wrong], size),
+                                            batch_size=32, verbose=0)) if len(wrong) else None)
         for k, i in enumerate(wrong):
             print(f"  {tests[i].source}: true {names[y[i]]} p={probs[i, y[i]]:.3f}, "
                   f"predicted {names[probs[i].argmax()]} p={probs[i].max():.3f}, "
@@ -130,10 +146,7 @@ def main() -> int:
             logp[:, benign] += shift
             shifted.append(f"+{shift:g}: {int((logp.argmax(1) != y).sum())}")
         print("  errors with the Benign log-probability shifted " + ", ".join(shifted))
-        vals = [im for im in manifest.images if im.split == "val"]
-        xv = load_inputs([source / im.source for im in vals], size)
-        pv = flip_probs(model, xv).mean(axis=0) if tta == "flips" else model.predict(xv, batch_size=32, verbose=0)
-        yv = np.array([im.label for im in vals])
+        pv, yv, _ = version_answers(model, meta, [im for im in manifest.images if im.split == "val"], source)
         fits = [f"T = 1: test NLL {calibration.nll(probs, y):.4f}"]
         for sigma in (0.0, 1.0, 0.5, 0.25):
             t = calibration.fit_temperature(pv, yv, prior_sigma=sigma)

@@ -14,14 +14,12 @@ Writes ``bench/results/error_floor.json``.
 
 from __future__ import annotations
 
-import glob
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
-from _common import DEFAULT_IMAGES, goal, write_result
-from accuracy_errors import flip_probs, load_inputs
+from _common import goal, write_result
+from accuracy_errors import registered_models, version_answers
 
 REFERRAL_BUDGET = 0.03  # single_set_share_mean >= 0.97
 
@@ -33,35 +31,24 @@ def main() -> int:
 
     import numpy as np
 
-    from bloodcnn.data.reader import load_manifest
-    from bloodcnn.model import load_model
-
     by_seed: dict[str, list[dict]] = defaultdict(list)
     tests_of: dict[str, list[str]] = {}
-    for work in workdirs:
-        datasets = {load_manifest(d).dataset_version: Path(d) for d in sorted(glob.glob(str(work / "datasets" / "*")))}
-        for meta_path in sorted(glob.glob(str(work / "models" / "*" / "*" / "metadata.json"))):
-            meta = json.loads(Path(meta_path).read_text())
-            dataset = datasets[meta["dataset_version"]]
-            tests = [im for im in load_manifest(str(dataset)).images if im.split == "test"]
-            if tests_of.setdefault(dataset.name, [im.source for im in tests]) != [im.source for im in tests]:
-                sys.exit(f"{dataset}: another test split than the other {dataset.name} datasets")
-            model = load_model(Path(meta_path).parent / "model.keras")
-            x = load_inputs([DEFAULT_IMAGES / im.source for im in tests], meta.get("image_size", 224))
-            views = flip_probs(model, x)
-            probs = views.mean(axis=0) if meta.get("test_time_augmentation") == "flips" else views[0]
-            y = np.array([im.label for im in tests])
-            top = probs.max(axis=1)
-            wrong = np.flatnonzero(probs.argmax(axis=1) != y)
-            by_seed[dataset.name].append({
-                "workdir": str(work), "version": meta["version"],
-                # the share of this model's answers less confident than each error: flagging the
-                # error would flag at least that share
-                "errors": {tests[i].source: {"p_predicted": round(float(top[i]), 4),
-                                             "flag_share": round(float((top < top[i]).mean()), 4)}
-                           for i in wrong},
-            })
-            print(f"{work.name} {meta['version']} ({dataset.name}): {len(wrong)} errors", flush=True)
+    for work, meta, dataset, manifest, model in registered_models(workdirs):
+        tests = [im for im in manifest.images if im.split == "test"]
+        if tests_of.setdefault(dataset.name, [im.source for im in tests]) != [im.source for im in tests]:
+            sys.exit(f"{dataset}: another test split than the other {dataset.name} datasets")
+        probs, y, _ = version_answers(model, meta, tests)
+        top = probs.max(axis=1)
+        wrong = np.flatnonzero(probs.argmax(axis=1) != y)
+        by_seed[dataset.name].append({
+            "workdir": str(work), "version": meta["version"],
+            # the share of this model's answers less confident than each error: flagging the
+            # error would flag at least that share
+            "errors": {tests[i].source: {"p_predicted": round(float(top[i]), 4),
+                                         "flag_share": round(float((top < top[i]).mean()), 4)}
+                       for i in wrong},
+        })
+        print(f"{work.name} {meta['version']} ({dataset.name}): {len(wrong)} errors", flush=True)
     if not by_seed:
         sys.exit(f"no registered model under {', '.join(map(str, workdirs))}")
 

@@ -13,13 +13,11 @@ Writes ``bench/results/referral_share.json``.
 
 from __future__ import annotations
 
-import glob
-import json
 import sys
 from pathlib import Path
 
-from _common import DEFAULT_IMAGES, goal, write_result
-from accuracy_errors import flip_probs, load_inputs
+from _common import goal, write_result
+from accuracy_errors import registered_models, version_answers
 
 SHARES = (0.0, 0.01, 0.02, 0.025, 0.03)
 GOAL_SHARE = 0.025  # the recipe's (bench/recipes/flip-tta.yaml)
@@ -34,34 +32,22 @@ def main() -> int:
 
     from bloodcnn import calibration
     from bloodcnn.config import load_config
-    from bloodcnn.data.reader import load_manifest
-    from bloodcnn.model import load_model
 
     c = load_config(environ={}).registry.calibration
     rows = []
-    for work in workdirs:
-        datasets = {load_manifest(d).dataset_version: d for d in sorted(glob.glob(str(work / "datasets" / "*")))}
-        for meta_path in sorted(glob.glob(str(work / "models" / "*" / "*" / "metadata.json"))):
-            meta = json.loads(Path(meta_path).read_text())
-            manifest = load_manifest(datasets[meta["dataset_version"]])
-            model = load_model(Path(meta_path).parent / "model.keras")
-            answers = {}
-            for split in ("val", "test"):
-                images = [im for im in manifest.images if im.split == split]
-                views = flip_probs(model, load_inputs([DEFAULT_IMAGES / im.source for im in images],
-                                                      meta.get("image_size", 224)))
-                probs = views.mean(axis=0) if meta.get("test_time_augmentation") == "flips" else views[0]
-                answers[split] = (probs, np.array([im.label for im in images]))
-            row = {"workdir": str(work), "version": meta["version"], "dataset": Path(datasets[meta["dataset_version"]]).name}
-            for share in SHARES:
-                fitted, report = calibration.evaluate(*answers["val"], *answers["test"], alpha=c.alpha, score=c.score,
-                                                      prior_sigma=c.temperature_prior_sigma, referral_share=share)
-                row[str(share)] = {"min_confidence": round(fitted.min_confidence, 4), **{
-                    k: report["conformal"][k] for k in ("coverage", "single_set_share", "single_set_accuracy")}}
-            rows.append(row)
-            print(f"{work.name} {row['version']} ({row['dataset']}): " + "; ".join(
-                f"share {s}: floor {row[str(s)]['min_confidence']:.3f}, single {row[str(s)]['single_set_share']:.3f} "
-                f"right {row[str(s)]['single_set_accuracy']:.4f}" for s in SHARES), flush=True)
+    for work, meta, dataset, manifest, model in registered_models(workdirs):
+        answers = {split: version_answers(model, meta, [im for im in manifest.images if im.split == split])[:2]
+                   for split in ("val", "test")}
+        row = {"workdir": str(work), "version": meta["version"], "dataset": dataset.name}
+        for share in SHARES:
+            fitted, report = calibration.evaluate(*answers["val"], *answers["test"], alpha=c.alpha, score=c.score,
+                                                  prior_sigma=c.temperature_prior_sigma, referral_share=share)
+            row[str(share)] = {"min_confidence": round(fitted.min_confidence, 4), **{
+                k: report["conformal"][k] for k in ("coverage", "single_set_share", "single_set_accuracy")}}
+        rows.append(row)
+        print(f"{work.name} {row['version']} ({row['dataset']}): " + "; ".join(
+            f"share {s}: floor {row[str(s)]['min_confidence']:.3f}, single {row[str(s)]['single_set_share']:.3f} "
+            f"right {row[str(s)]['single_set_accuracy']:.4f}" for s in SHARES), flush=True)
     if not rows:
         sys.exit(f"no registered model under {', '.join(map(str, workdirs))}")
 

@@ -17,7 +17,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from _common import goal, write_result
+from _common import DEFAULT_IMAGES, goal, write_result
 from accuracy_errors import load_inputs, registered_models
 
 VIEWS = (1, 4, 8)
@@ -46,7 +46,6 @@ def main() -> int:
 
     import numpy as np
 
-    from _common import DEFAULT_IMAGES
     from bloodcnn import calibration
     from bloodcnn.config import load_config
 

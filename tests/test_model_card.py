@@ -64,6 +64,7 @@ def test_card_covers_data_recipe_metrics_calibration_use_and_failures():
     assert floor > 0 and f"under a top probability of {floor:.3f}" in referred and "20.0% of the validation" in referred
     assert "- 1 x Benign taken for Early Pre-B" in text and "- 1 x Early Pre-B taken for Benign" in text
     assert "Benign and Early Pre-B cells look alike" in text
+    assert "not flagged is likely right, not certain" in text
     page = html.decode()
     assert page.startswith("<!doctype html>") and "<table>" in page and "<h2>Known failure modes</h2>" in page
 

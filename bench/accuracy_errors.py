@@ -81,6 +81,18 @@ def version_answers(model, meta: dict, images, source: Path = DEFAULT_IMAGES):
     return probs, np.array([im.label for im in images]), views
 
 
+def registration_report(val, test, referral_share: float):
+    """``(Calibration, report)`` of ``bloodcnn.calibration.evaluate`` as registration runs it (the
+    embedded ``registry.calibration`` settings), fitted on the validation answers ``val`` and
+    reported on the test answers ``test`` (each ``(probabilities, labels)``), at this referral share."""
+    from bloodcnn import calibration
+    from bloodcnn.config import load_config
+
+    c = load_config(environ={}).registry.calibration
+    return calibration.evaluate(*val, *test, alpha=c.alpha, score=c.score, prior_sigma=c.temperature_prior_sigma,
+                                referral_share=referral_share)
+
+
 def normalised(f):
     import numpy as np
 

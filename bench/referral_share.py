@@ -17,7 +17,7 @@ import sys
 from pathlib import Path
 
 from _common import goal, write_result
-from accuracy_errors import registered_models, version_answers
+from accuracy_errors import registered_models, registration_report, version_answers
 
 SHARES = (0.0, 0.01, 0.02, 0.025, 0.03)
 GOAL_SHARE = 0.025  # the recipe's (bench/recipes/flip-tta.yaml)
@@ -30,18 +30,13 @@ def main() -> int:
 
     import numpy as np
 
-    from bloodcnn import calibration
-    from bloodcnn.config import load_config
-
-    c = load_config(environ={}).registry.calibration
     rows = []
     for work, meta, dataset, manifest, model in registered_models(workdirs):
         answers = {split: version_answers(model, meta, [im for im in manifest.images if im.split == split])[:2]
                    for split in ("val", "test")}
         row = {"workdir": str(work), "version": meta["version"], "dataset": dataset.name}
         for share in SHARES:
-            fitted, report = calibration.evaluate(*answers["val"], *answers["test"], alpha=c.alpha, score=c.score,
-                                                  prior_sigma=c.temperature_prior_sigma, referral_share=share)
+            fitted, report = registration_report(answers["val"], answers["test"], share)
             row[str(share)] = {"min_confidence": round(fitted.min_confidence, 4), **{
                 k: report["conformal"][k] for k in ("coverage", "single_set_share", "single_set_accuracy")}}
         rows.append(row)

@@ -18,7 +18,7 @@ import sys
 from pathlib import Path
 
 from _common import DEFAULT_IMAGES, goal, write_result
-from accuracy_errors import load_inputs, registered_models
+from accuracy_errors import load_inputs, registered_models, registration_report
 
 VIEWS = (1, 4, 8)
 REFERRAL_SHARE = 0.025  # the recipe's (bench/recipes/flip-tta.yaml)
@@ -46,10 +46,6 @@ def main() -> int:
 
     import numpy as np
 
-    from bloodcnn import calibration
-    from bloodcnn.config import load_config
-
-    c = load_config(environ={}).registry.calibration
     rows = []
     for work, meta, dataset, manifest, model in registered_models(workdirs):
         answers = {}
@@ -59,10 +55,10 @@ def main() -> int:
             answers[split] = dihedral_probs(model, x), np.array([im.label for im in images])
         row = {"workdir": str(work), "version": meta["version"], "dataset": dataset.name}
         for n in VIEWS:
-            (val, val_y), (test, test_y) = ((p[:n].mean(axis=0), y) for p, y in (answers["val"], answers["test"]))
-            _, report = calibration.evaluate(val, val_y, test, test_y, alpha=c.alpha, score=c.score,
-                                             prior_sigma=c.temperature_prior_sigma, referral_share=REFERRAL_SHARE)
-            row[str(n)] = {"errors": int((test.argmax(axis=1) != test_y).sum()), "test_images": len(test_y),
+            val, test = ((p[:n].mean(axis=0), y) for p, y in (answers["val"], answers["test"]))
+            _, report = registration_report(val, test, REFERRAL_SHARE)
+            probs, y = test
+            row[str(n)] = {"errors": int((probs.argmax(axis=1) != y).sum()), "test_images": len(y),
                            "ece_after": report["after"]["ece"], "nll_after": report["after"]["nll"],
                            **{k: report["conformal"][k] for k in ("coverage", "single_set_share", "single_set_accuracy")}}
         rows.append(row)

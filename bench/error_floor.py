@@ -63,10 +63,10 @@ def main() -> int:
         # in the seed's best model for it: the persistent errors more confident than the budget allows to flag
         uncatchable = min(sum(m["errors"][s]["flag_share"] > REFERRAL_BUDGET for s in persistent) for m in models)
         accuracy_ceilings.append(1 - len(persistent) / n)
+        single_ceilings.append(1 - uncatchable / n)
         y = answers_of[seed][0][1]
         ensemble_wrong = np.flatnonzero(np.mean([p for p, _ in answers_of[seed]], axis=0).argmax(axis=1) != y)
         ensemble_accuracies.append(1 - len(ensemble_wrong) / n)
-        single_ceilings.append(1 - uncatchable / n)
         seeds[seed] = {
             "models": len(models), "test_images": n,
             "errors_per_model": [len(m["errors"]) for m in models],
